@@ -1,0 +1,158 @@
+"""
+Text-to-image sampling.
+
+Janus: autoregressive over the VQ code grid with classifier-free guidance. Each image has a conditional row
+(the prompt) and an unconditional row (the prompt with every token but BOS and <begin_of_image> replaced by pad);
+at every step
+    l = l_uncond + w * (l_cond - l_uncond),    code ~ softmax(l / temperature)
+and the chosen code is fed to both rows as gen_aligner(gen_embed[code]). The sampler keeps a preallocated KV cache,
+computes the text prefix once, and can return log pi(code_t | prefix) of every sampled code (GRPO needs them).
+
+Usage:
+    python generate.py --model DIR --prompt "a photo of two cats" --n 16 --cfg 5 --seed 0 --out out/
+"""
+import argparse
+import os
+
+import torch
+from tqdm import tqdm
+
+from model import KVCache, attention_bias, load_janus, to_uint8
+
+
+def left_pad(seqs, pad_id):
+    """list of id lists -> ids [B, L] right-aligned, valid [B, L] (False on the left padding)."""
+    L = max(map(len, seqs))
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(seqs), L, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, L - len(s):] = torch.tensor(s)
+        valid[i, L - len(s):] = True
+    return ids, valid
+
+
+def unconditional_ids(ids, pad_id):
+    """The official unconditional prompt: keep BOS and <begin_of_image>, every token between becomes pad.
+
+    These pads are prompt *content* and are attended to; only extra left padding is masked.
+    """
+    return [ids[0]] + [pad_id] * (len(ids) - 2) + [ids[-1]]
+
+
+def filter_logits(logits, top_k=0, top_p=1.0):
+    """Optional top-k / nucleus truncation (off by default: the official sampler uses neither)."""
+    if top_k:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
+        drop_sorted = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def janus_generate(model, processor, prompts, n_per_prompt=1, cfg_weight=5.0, temperature=1.0, top_k=0, top_p=1.0,
+                   greedy=False, generator=None, return_logprobs=False, return_logits=False, decode=True,
+                   progress=False):
+    """Sample n_per_prompt images for every prompt.
+
+    Returns a dict: tokens [B, T] (B = len(prompts) * n_per_prompt, prompt-major), images [B, S, S, 3] uint8
+    (if decode), logprobs [B, T] (log-prob of each sampled code under the guided, tempered, filtered policy),
+    logits [B, T, K] guided logits (if return_logits).
+    Greedy = argmax of the guided distribution (deterministic tests); sampling draws one torch.multinomial per
+    step over the [B, K] probabilities in image order, which reproduces the official RNG consumption.
+    """
+    cfg, device = model.cfg, model.gen_embed.weight.device
+    dtype = model.gen_embed.weight.dtype
+    pad_id, T = processor.ids["pad"], cfg.gen_grid ** 2
+    cond = [processor.t2i_prompt_ids(p) for p in prompts for _ in range(n_per_prompt)]
+    B = len(cond)
+    # rows [cond_0 .. cond_{B-1}; uncond_0 .. uncond_{B-1}]: the halves layout gives the same probabilities as
+    # the official interleaved one, and lets the guidance be two slices
+    ids, valid = left_pad(cond + [unconditional_ids(s, pad_id) for s in cond], pad_id)
+    ids, valid = ids.to(device), valid.to(device)
+    L = ids.shape[1]
+    key_valid = torch.cat([valid, torch.ones(2 * B, T, dtype=torch.bool, device=device)], dim=1)  # [2B, L+T]
+    positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # [2B, L]; left pads get 0, they are masked anyway
+    cache = KVCache(cfg, 2 * B, L + T, dtype, device)
+
+    slots = torch.arange(L, device=device)
+    hidden = model(model.embed_tokens(ids), positions, attention_bias(key_valid, slots, dtype), cache, slots)[:, -1]
+    next_pos = positions[:, -1:] + 1  # [2B, 1]
+    tokens = torch.empty(B, T, dtype=torch.long, device=device)
+    logprobs = torch.empty(B, T, dtype=torch.float32, device=device) if return_logprobs else None
+    all_logits = [] if return_logits else None
+    for t in tqdm(range(T), disable=not progress, desc="image tokens", leave=False):
+        logits = model.image_logits(hidden)  # [2B, K]
+        guided = logits[B:] + cfg_weight * (logits[:B] - logits[B:])
+        if return_logits:
+            all_logits.append(guided)
+        guided = filter_logits(guided / temperature, top_k, top_p)
+        probs = torch.softmax(guided, dim=-1)
+        code = probs.argmax(-1) if greedy else torch.multinomial(probs.float(), 1, generator=generator)[:, 0]
+        tokens[:, t] = code
+        if return_logprobs:
+            logprobs[:, t] = torch.log_softmax(guided.float(), -1).gather(1, code[:, None])[:, 0]
+        if t == T - 1:
+            break
+        slot = torch.full((1,), L + t, device=device, dtype=torch.long)
+        x = model.gen_embeds(torch.cat([code, code]))[:, None]  # the same code feeds both rows of an image
+        hidden = model(x, next_pos + t, attention_bias(key_valid, slot, dtype), cache, slot)[:, -1]
+    out = dict(tokens=tokens)
+    if return_logprobs:
+        out["logprobs"] = logprobs
+    if return_logits:
+        out["logits"] = torch.stack(all_logits, dim=1)
+    if decode:
+        out["images"] = to_uint8(model.decode_codes(tokens))
+    return out
+
+
+def save_images(images, out_dir, grid_name="grid.png"):
+    """uint8 [B, H, W, 3] -> out_dir/00000.png ... and a near-square grid.png; returns the file paths."""
+    from PIL import Image
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for i, im in enumerate(images.cpu().numpy()):
+        paths.append(os.path.join(out_dir, f"{i:05d}.png"))
+        Image.fromarray(im).save(paths[-1])
+    B, H, W, _ = images.shape
+    cols = max(1, int(B ** 0.5 + 0.5))
+    rows = -(-B // cols)
+    grid = Image.new("RGB", (cols * W, rows * H))
+    for i, im in enumerate(images.cpu().numpy()):
+        grid.paste(Image.fromarray(im), ((i % cols) * W, (i // cols) * H))
+    grid.save(os.path.join(out_dir, grid_name))
+    return paths
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="checkpoint folder (config.json, weights, tokenizer.json)")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--n", type=int, default=4, help="images to sample")
+    ap.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance weight w")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="out/generate")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    if args.n < 1 or args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        ap.error("need --n >= 1, --temperature > 0, 0 < --top-p <= 1, --top-k >= 0")
+    if not os.path.isdir(args.model):
+        ap.error(f"--model {args.model!r} is not a folder")
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    model, processor = load_janus(args.model, device=args.device, dtype=dtype)
+    generator = torch.Generator(args.device).manual_seed(args.seed)
+    out = janus_generate(model, processor, [args.prompt], args.n, args.cfg, args.temperature, args.top_k, args.top_p,
+                         generator=generator, progress=True)
+    paths = save_images(out["images"], args.out)
+    print(f"wrote {len(paths)} images and grid.png to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""
+Visual question answering: the model checks its own images.
+
+Janus reads pixels through SigLIP: the chat prompt's <image_placeholder> rows are overwritten by
+aligner(ViT(pixels)), then the LLM decodes an answer token by token with a KV cache,
+    a_t = argmax_v p(v | image, question, a_<t)      (greedy; or sampled with a temperature)
+stopping at end-of-sequence. Optionally returns log p(a_t | ...) for every answer token.
+
+Usage:
+    python understand.py --model DIR --image x.png --question "How many items in this image?"
+"""
+import argparse
+import os
+
+import torch
+
+from model import KVCache, attention_bias, janus_inputs_embeds, load_janus
+
+
+@torch.no_grad()
+def janus_generate_text(model, batch, eos_id, max_new_tokens=100, temperature=0.0, generator=None,
+                        return_logprobs=False):
+    """Decode from a left-padded understanding batch (JanusProcessor.understanding_batch).
+
+    Returns (ids [B, n] with eos after a row has finished, logprobs [B, n] or None). Positions follow the
+    transformers convention for left padding: cumsum(attention_mask) - 1.
+    """
+    device = model.gen_embed.weight.device
+    dtype = model.gen_embed.weight.dtype
+    batch = {k: v.to(device) for k, v in batch.items()}
+    embeds = janus_inputs_embeds(model, batch["input_ids"], batch["images_seq_mask"], batch["pixel_values"],
+                                 batch["images_emb_mask"])
+    B, L, _ = embeds.shape
+    valid = batch["attention_mask"].bool()
+    key_valid = torch.cat([valid, torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], dim=1)
+    positions = (valid.long().cumsum(1) - 1).masked_fill(~valid, 1)
+    cache = KVCache(model.cfg, B, L + max_new_tokens, dtype, device)
+    slots = torch.arange(L, device=device)
+    hidden = model(embeds, positions, attention_bias(key_valid, slots, dtype), cache, slots)[:, -1]
+    pos = positions[:, -1:]
+    out, logps = [], []
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    for t in range(max_new_tokens):
+        logits = model.text_logits(hidden).float()  # [B, V]
+        if temperature > 0:
+            logits = logits / temperature
+            token = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+        else:
+            token = logits.argmax(-1)
+        token = token.masked_fill(finished, eos_id)  # finished rows keep emitting eos (pad = eos upstream)
+        out.append(token)
+        if return_logprobs:
+            logps.append(torch.log_softmax(logits, -1).gather(1, token[:, None])[:, 0].masked_fill(finished, 0.0))
+        finished |= token == eos_id
+        if bool(finished.all()) or t == max_new_tokens - 1:
+            break
+        slot = torch.full((1,), L + t, device=device, dtype=torch.long)
+        hidden = model(model.embed_tokens(token[:, None]), pos + 1 + t, attention_bias(key_valid, slot, dtype),
+                       cache, slot)[:, -1]
+    ids = torch.stack(out, dim=1)
+    return ids, (torch.stack(logps, dim=1) if return_logprobs else None)
+
+
+def answer_strings(processor, ids, eos_id):
+    """Cut each row at its first eos and decode with special tokens skipped."""
+    answers = []
+    for row in ids.tolist():
+        row = row[:row.index(eos_id)] if eos_id in row else row
+        answers.append(processor.decode(row).strip())
+    return answers
+
+
+def janus_answer(model, processor, images, questions, max_new_tokens=100, temperature=0.0, generator=None,
+                 return_logprobs=False):
+    """One question per image (PIL images or uint8 [H, W, 3] arrays). Returns dict(answers, ids[, logprobs])."""
+    from PIL import Image
+    images = [im if isinstance(im, Image.Image) else Image.fromarray(torch.as_tensor(im).cpu().numpy())
+              for im in images]
+    batch = processor.understanding_batch([processor.question_text(q) for q in questions], [[im] for im in images])
+    eos = processor.ids["eos"]
+    ids, logprobs = janus_generate_text(model, batch, eos, max_new_tokens, temperature, generator, return_logprobs)
+    out = dict(answers=answer_strings(processor, ids, eos), ids=ids)
+    if return_logprobs:
+        out["logprobs"] = logprobs
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="checkpoint folder")
+    ap.add_argument("--image", required=True, nargs="+", help="one or more image files")
+    ap.add_argument("--question", required=True)
+    ap.add_argument("--max-new-tokens", type=int, default=100)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    if not os.path.isdir(args.model):
+        ap.error(f"--model {args.model!r} is not a folder")
+    for path in args.image:
+        if not os.path.isfile(path):
+            ap.error(f"--image {path!r} does not exist")
+    from PIL import Image
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    model, processor = load_janus(args.model, device=args.device, dtype=dtype)
+    out = janus_answer(model, processor, [Image.open(p) for p in args.image], [args.question] * len(args.image),
+                       args.max_new_tokens)
+    for path, answer in zip(args.image, out["answers"]):
+        print(f"{path}: {answer}")
+
+
+if __name__ == "__main__":
+    main()
