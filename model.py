@@ -738,18 +738,27 @@ class Janus(nn.Module):
     @classmethod
     def from_pretrained(cls, ckpt_dir, device=None, dtype=None):
         """Load an original (deepseek-ai) or transformers-converted (deepseek-community) checkpoint folder."""
-        cfg_path = os.path.join(ckpt_dir, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"no config.json in {ckpt_dir}: not a Janus checkpoint folder")
-        cfg = JanusConfig.from_json(json.load(open(cfg_path)))
-        if "1.3b" in os.path.basename(os.path.normpath(ckpt_dir)).lower():
-            cfg = replace(cfg, user_role="User", assistant_role="Assistant")  # Janus-1.3B's template roles
-        sd = read_checkpoint(ckpt_dir)
-        if any(k.startswith("model.") for k in sd):
-            sd = janus_hf_to_original(sd)
+        cfg, sd = read_janus_checkpoint(ckpt_dir)
         model = build_on_meta(cls, cfg)
         optional = [k for k in model.state_dict() if k.startswith(JANUS_UNUSED)]
         return load_strict(model, sd, optional, dtype, device, where=ckpt_dir).eval()
+
+
+def read_janus_checkpoint(ckpt_dir):
+    """-> (JanusConfig, state dict in the original layout) of a checkpoint folder."""
+    cfg_path = os.path.join(ckpt_dir, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"no config.json in {ckpt_dir}: not a Janus checkpoint folder")
+    try:
+        cfg = JanusConfig.from_json(json.load(open(cfg_path)))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path}: malformed json ({e})") from e
+    if "1.3b" in os.path.basename(os.path.normpath(ckpt_dir)).lower():
+        cfg = replace(cfg, user_role="User", assistant_role="Assistant")  # Janus-1.3B's template roles
+    sd = read_checkpoint(ckpt_dir)
+    if any(k.startswith("model.") for k in sd):
+        sd = janus_hf_to_original(sd)
+    return cfg, sd
 
 
 # transformers layout -> original layout, applied in order (janus.md section 7, reversed)
@@ -929,3 +938,35 @@ def load_janus(ckpt_dir, device=None, dtype=None):
     """-> (model, processor) from one checkpoint folder."""
     model = Janus.from_pretrained(ckpt_dir, device=device, dtype=dtype)
     return model, JanusProcessor(ckpt_dir, model.cfg)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# CLI: rewrite any supported checkpoint folder as one model.safetensors in the original layout
+
+
+def convert_checkpoint(src, dst):
+    """Read src (original or transformers layout; .bin, .safetensors, sharded) and write dst/model.safetensors
+    plus every json/tokenizer file of src, after checking that the tensors load strictly into the model."""
+    import shutil
+    from safetensors.torch import save_file
+    cfg, sd = read_janus_checkpoint(src)
+    model = build_on_meta(Janus, cfg)  # validate names and shapes before anything is written
+    load_strict(model, sd, [k for k in model.state_dict() if k.startswith(JANUS_UNUSED)], device="meta", where=src)
+    os.makedirs(dst, exist_ok=True)
+    tmp = os.path.join(dst, "model.safetensors.tmp")
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(dst, "model.safetensors"))  # atomic: a crash never leaves half a file
+    for f in glob.glob(os.path.join(src, "*.json")) + glob.glob(os.path.join(src, "*.model")):
+        if not f.endswith(".index.json"):
+            shutil.copy(f, dst)
+    return dst
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="Convert a Janus checkpoint folder (original or transformers layout, "
+                                             ".bin or .safetensors, sharded or not) to one original-layout model.safetensors.")
+    ap.add_argument("src")
+    ap.add_argument("dst")
+    args = ap.parse_args()
+    print("wrote", convert_checkpoint(args.src, args.dst))

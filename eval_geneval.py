@@ -1,0 +1,408 @@
+"""
+GenEval scoring without mmdetection: the official decision rules, over a pluggable detector and colour classifier.
+
+GenEval (Ghosh et al. 2023, djghosh13/geneval) judges a text-to-image model with an object detector. Each of its
+553 prompts carries a spec: `include` clauses {class, count, [color], [position: [relation, group]]} that must all
+hold, and `exclude` clauses {class, count} none of which may hold. For every generated image:
+
+    1. detect   detector(image) -> {class: [(box, score, mask)]}      (official: Mask2Former Swin-S, COCO, mmdet 2.x)
+    2. keep     per class: sort by score, keep score > 0.3 (strict; > 0.9 for *every* class on counting prompts),
+                keep the 16 most confident, greedy NMS at IoU 1.0 (= off)
+    3. judge    clause by clause, looking only at the `count` most confident objects of the class:
+                  count     fewer than `count` kept                   -> fail
+                  color     all of them must be classified `color`: argmax over 10 colours of a classifier
+                            run on each object pasted through its mask onto #999 grey and cropped to its box
+                  position  every (object, target) pair, targets = the objects clause `group` matched, must
+                            satisfy relation in relative_position(object, target); a failed group -> fail
+                exclude: fail if the class has >= count kept objects (counting "two" excludes 3: exact count)
+    4. score    image correct = every include holds and no exclude does.
+                GenEval score = unweighted mean over the six tags of the per-tag share of correct images
+                (not the pooled image accuracy, and not the prompt-level "any image correct").
+
+Constants and code paths follow evaluation/evaluate_images.py and summary_scores.py (shared/spec/geneval.md
+sections 3-5). results.jsonl carries the official keys, so the official summary_scores.py runs on our output and
+`summary` here runs on the official evaluator's output. Scores equal published GenEval only with the official
+detector and CLIP ViT-L-14 colour classifier plugged in; the built-in ScriptedDetector and PaletteColours are for
+tests and toy runs (their names are written into every result row and printed by `summary`).
+
+    python eval_geneval.py score --imagedir OUT --outfile OUT/results.jsonl [--detector mymodule:MyDetector]
+    python eval_geneval.py summary OUT/results.jsonl
+"""
+import argparse
+import importlib
+import json
+import math
+import os
+import re
+import sys
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageOps
+from PIL.PngImagePlugin import PngInfo
+from tqdm import tqdm
+
+TAGS = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
+COLOURS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white"]  # GenEval's order
+DEFAULT_OPTIONS = dict(  # names and defaults of evaluate_images.py's --options
+    threshold=0.3,           # keep a detection iff score > this (strict), every tag except counting
+    counting_threshold=0.9,  # ... iff score > this on counting prompts, for every class
+    max_objects=16,          # most confident detections kept per class
+    max_overlap=1.0,         # greedy-NMS IoU threshold; 1.0 turns NMS off (the official default)
+    position_threshold=0.1,  # margin in relative_position, as a fraction of the two boxes' summed sizes
+)
+BACKGROUND = (153, 153, 153)  # "#999": colour crops show the object on flat grey so the scene does not vote
+
+
+def to_numpy(x):
+    """numpy view of a list, array or (possibly CUDA) torch tensor, without importing torch."""
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Step 2: which detections count
+
+
+def box_iou_plus1(a, b):
+    """IoU with the "+1 pixel" areas (x2 - x1 + 1)(y2 - y1 + 1) the official code uses; only matters with NMS on."""
+    def area(x1, y1, x2, y2):
+        return max(x2 - x1 + 1, 0) * max(y2 - y1 + 1, 0)
+    inter = area(max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3]))
+    union = area(*a[:4]) + area(*b[:4]) - inter
+    return inter / union if union else 0
+
+
+def keep_confident(detections, tag, opts=DEFAULT_OPTIONS):
+    """Raw {class: [(box, score, mask)]} -> {class: [(box5, mask)]}, box5 = [x1, y1, x2, y2, score], most
+    confident first. Classes with nothing left are absent, so `exclude` can simply count."""
+    # Scores are compared in float32, as mmdet's float32 arrays are officially: a score of float32(0.3) is dropped.
+    threshold = np.float32(opts["counting_threshold"] if tag == "counting" else opts["threshold"])
+    kept = {}
+    for classname, objects in detections.items():
+        objects = [([float(v) for v in to_numpy(box).reshape(-1)[:4]] + [float(score)], mask)
+                   for box, score, mask in objects]
+        # descending as argsort(...)[::-1]: equal scores come out in reverse detector order, like the official sort
+        objects = objects[::-1]
+        objects.sort(key=lambda obj: -obj[0][4])
+        objects = [obj for obj in objects if np.float32(obj[0][4]) > threshold][: opts["max_objects"]]  # then top-16
+        chosen = []
+        while objects:  # greedy NMS over what survived; a no-op at max_overlap 1.0
+            best = objects.pop(0)
+            chosen.append(best)
+            if opts["max_overlap"] < 1:
+                objects = [obj for obj in objects if box_iou_plus1(best[0], obj[0]) < opts["max_overlap"]]
+        if chosen:
+            kept[classname] = chosen
+    return kept
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Step 3: the decision rules
+
+
+def relative_position(box_a, box_b, position_threshold=0.1):
+    """The relations of A to B among {left of, right of, above, below}; image y points down.
+
+    The centre offset is shrunk per axis by position_threshold x (sum of the two box sizes), so near or overlapping
+    objects have no relation, then divided by the length of the *unshrunk* offset: a relation holds when the shrunk
+    component is more than half of that length. A diagonal placement can therefore hold two relations, and a pure
+    sideways offset needs to exceed twice the margin. float32 because mmdet boxes are float32 and the official code
+    computes in their dtype, so edge cases round the same way."""
+    a = np.asarray(box_a[:4], dtype=np.float32).reshape(2, 2)  # [[x1, y1], [x2, y2]]
+    b = np.asarray(box_b[:4], dtype=np.float32).reshape(2, 2)
+    offset = a.mean(0) - b.mean(0)
+    size_sum = np.abs(a[1] - a[0]) + np.abs(b[1] - b[0])  # (width, height) summed; no +1 here
+    revised = np.maximum(np.abs(offset) - np.float32(position_threshold) * size_sum, 0) * np.sign(offset)
+    if np.all(np.abs(revised) < 1e-3):  # also guards the division below against a zero offset
+        return set()
+    dx, dy = revised / np.linalg.norm(offset)
+    relations = set()
+    if dx < -0.5:
+        relations.add("left of")
+    if dx > 0.5:
+        relations.add("right of")
+    if dy < -0.5:
+        relations.add("above")
+    if dy > 0.5:
+        relations.add("below")
+    return relations
+
+
+def crop_objects(image, objects):
+    """Each (box5, mask) object pasted through its boolean HxW mask onto #999 grey (the whole image when mask is
+    None), then cropped to its box. PIL rounds float boxes, exactly as in the official crop."""
+    image = image.convert("RGB")
+    grey = Image.new("RGB", image.size, BACKGROUND)
+    crops = []
+    for box5, mask in objects:
+        if mask is None:
+            pasted = image
+        else:
+            mask = to_numpy(mask).astype(bool)
+            assert mask.shape == (image.height, image.width), f"mask {mask.shape} vs image {image.size[::-1]}"
+            pasted = Image.composite(image, grey, Image.fromarray(mask))
+        crops.append(pasted.crop(tuple(box5[:4])))
+    return crops
+
+
+def object_colours(image, objects, classname, classify_colours):
+    """One colour name per object. classify_colours(crops, COLOURS, classname) may return colour names, or scores
+    [N, 10] in COLOURS order (logits or probabilities; argmax is taken, ties go to the earlier colour)."""
+    out = classify_colours(crop_objects(image, objects), COLOURS, classname)
+    if all(isinstance(c, str) for c in out):
+        return list(out)
+    scores = to_numpy(out).reshape(len(objects), len(COLOURS))
+    return [COLOURS[i] for i in scores.argmax(1)]
+
+
+def judge(image, detected, metadata, classify_colours, position_threshold=0.1):
+    """GenEval's `evaluate`: (correct, reason) of one image, from the kept detections (keep_confident's output).
+    Reasons use the official wording, one per failed clause, newline-joined; "" when correct."""
+    correct, reasons, groups = True, [], []  # groups[i]: the objects include clause i matched, None if it failed
+    for clause in metadata.get("include", []):
+        classname, count = clause["class"], clause["count"]
+        found = detected.get(classname, [])[:count]  # only the `count` most confident objects are judged
+        matched = len(found) >= count
+        if not matched:
+            reasons.append(f"expected {classname}>={count}, found {len(found)}")
+        else:
+            if "color" in clause:
+                colours = object_colours(image, found, classname, classify_colours)
+                n_right = colours.count(clause["color"])
+                if n_right < count:  # i.e. every judged object must have the colour, a majority is not enough
+                    matched = False
+                    reasons.append(f"expected {clause['color']} {classname}>={count}, found {n_right} {clause['color']}"
+                                   "; and " + ", ".join(f"{colours.count(c)} {c}" for c in COLOURS if c in colours))
+            if "position" in clause and matched:
+                relation, group = clause["position"]
+                if groups[group] is None:
+                    matched = False
+                    reasons.append(f"no target for {classname} to be {relation}")
+                else:
+                    pairs = [(obj, target) for obj in found for target in groups[group]]
+                    for obj, target in pairs:  # like the official loops: stop at the first failing pair
+                        relations = relative_position(obj[0], target[0], position_threshold)
+                        if relation not in relations:
+                            matched = False
+                            # sorted: the official code joins a set, whose order varies between runs
+                            reasons.append(f"expected {classname} {relation} target, found "
+                                           f"{' and '.join(sorted(relations))} target")
+                            break
+        correct = correct and matched
+        groups.append(found if matched else None)
+    for clause in metadata.get("exclude", []):
+        n_found = len(detected.get(clause["class"], []))  # all kept objects, not just the top `count`
+        if n_found >= clause["count"]:
+            correct = False
+            reasons.append(f"expected {clause['class']}<{clause['count']}, found {n_found}")
+    return correct, "\n".join(reasons)
+
+
+def evaluate_image(image, metadata, detector, classify_colours, opts=DEFAULT_OPTIONS):
+    """Detect, keep, judge one RGB PIL image -> (correct, reason, kept detections)."""
+    detected = keep_confident(detector(image), metadata["tag"], opts)
+    correct, reason = judge(image, detected, metadata, classify_colours, opts["position_threshold"])
+    return correct, reason, detected
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Step 1 plug-ins: a scripted detector and a palette colour classifier (tests, toy runs), and plug-in loading
+
+SCRIPT_KEY = "geneval_detections"  # PNG text chunk: json {class: [[x1, y1, x2, y2, score], ...]}
+PALETTE = dict(red=(255, 0, 0), orange=(255, 165, 0), yellow=(255, 255, 0), green=(0, 128, 0), blue=(0, 0, 255),
+               purple=(128, 0, 128), pink=(255, 192, 203), brown=(139, 69, 19), black=(0, 0, 0),
+               white=(255, 255, 255))  # CSS colours
+
+
+def write_scripted_sample(path, objects, size=(64, 64)):
+    """A synthetic sample for ScriptedDetector: objects [(class, (x1, y1, x2, y2), score, colour name)] are drawn
+    as filled rectangles (pixels x1..x2-1, y1..y2-1) on dark grey and written into the PNG as its detections."""
+    image = Image.new("RGB", size, (60, 60, 60))
+    draw, script = ImageDraw.Draw(image), {}
+    for classname, (x1, y1, x2, y2), score, colour in objects:
+        draw.rectangle([x1, y1, x2 - 1, y2 - 1], fill=PALETTE[colour])
+        script.setdefault(classname, []).append([x1, y1, x2, y2, score])
+    info = PngInfo()
+    info.add_text(SCRIPT_KEY, json.dumps(script))
+    image.save(path, pnginfo=info)
+
+
+class ScriptedDetector:
+    """Test detector: "sees" the detections write_scripted_sample stored in the PNG, with box-shaped masks.
+    Any other image has no detections. It stands in for Mask2Former so the pipeline runs without weights."""
+    name = "scripted (detections read from the PNG; a test detector, not GenEval)"
+
+    def __call__(self, image):
+        detections = {}
+        for classname, boxes in json.loads(image.info.get(SCRIPT_KEY, "{}")).items():
+            detections[classname] = []
+            for x1, y1, x2, y2, score in boxes:
+                mask = np.zeros((image.height, image.width), dtype=bool)
+                mask[int(y1):int(y2), int(x1):int(x2)] = True
+                detections[classname].append(((x1, y1, x2, y2), score, mask))
+        return detections
+
+
+class PaletteColours:
+    """Toy colour classifier: the mean of a crop's non-grey pixels -> the nearest of the 10 reference colours.
+    Exact on flat synthetic colours, meaningless on photos (plug in CLIP there, see the README)."""
+    name = "palette-nearest (toy, not CLIP)"
+
+    def __call__(self, crops, colours, classname):
+        reference = np.array([PALETTE[c] for c in colours], dtype=np.float64)  # [10, 3]
+        labels = []
+        for crop in crops:
+            pixels = np.asarray(crop.convert("RGB"), dtype=np.float64).reshape(-1, 3)  # [H*W, 3]
+            pixels = pixels[(pixels != BACKGROUND).any(1)]  # drop the grey that replaced the background
+            mean = pixels.mean(0) if len(pixels) else np.array(BACKGROUND, dtype=np.float64)
+            labels.append(colours[int(((reference - mean) ** 2).sum(1).argmin())])
+        return labels
+
+
+def load_plugin(spec):
+    """'module:name' -> a callable. A class is instantiated with no arguments (load weights in __init__); any
+    other callable is used as it is. The current directory is importable, for modules beside the repo."""
+    module_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    obj = getattr(importlib.import_module(module_name), attr)
+    return obj() if isinstance(obj, type) else obj
+
+
+# -----------------------------------------------------------------------------------------------------------
+# score: the official folder layout -> results.jsonl
+
+
+def find_samples(imagedir):
+    """[(image path, metadata)] read the way evaluate_images.py reads OUT/<digits>/{metadata.jsonl,samples/}:
+    entries that are not all-digit folders are skipped, metadata.jsonl must be one JSON object, and only files
+    whose names start with digits + ".png" are samples (a .jpg is silently ignored, as officially)."""
+    samples = []
+    folders = [d for d in os.listdir(imagedir) if d.isdigit() and os.path.isdir(os.path.join(imagedir, d))]
+    for folder in sorted(folders, key=int):
+        meta_path = os.path.join(imagedir, folder, "metadata.jsonl")
+        with open(meta_path) as f:
+            try:
+                metadata = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{meta_path}: must hold exactly one JSON object, the prompt's line: {e}") from e
+        sample_dir = os.path.join(imagedir, folder, "samples")
+        names = [n for n in os.listdir(sample_dir)
+                 if re.match(r"\d+\.png", n) and os.path.isfile(os.path.join(sample_dir, n))]
+        for name in sorted(names, key=lambda n: (int(re.match(r"\d+", n).group()), n)):
+            samples.append((os.path.join(sample_dir, name), metadata))
+    return samples
+
+
+def score(imagedir, outfile, detector, classify_colours, opts=DEFAULT_OPTIONS):
+    """Judge every sample under imagedir and write one official-schema row per image to outfile.
+    Extra key `evaluator`: which detector, colour classifier and options produced the row."""
+    evaluator = json.dumps(dict(detector=getattr(detector, "name", repr(detector)),
+                                colour_classifier=getattr(classify_colours, "name", repr(classify_colours)), **opts))
+    rows = []
+    for path, metadata in tqdm(find_samples(imagedir), desc="score", unit="img"):
+        image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")  # EXIF orientation, as officially
+        correct, reason, detected = evaluate_image(image, metadata, detector, classify_colours, opts)
+        rows.append(dict(filename=path, tag=metadata["tag"], prompt=metadata["prompt"], correct=bool(correct),
+                         reason=reason, metadata=json.dumps(metadata),
+                         details=json.dumps({c: [box5 for box5, _ in objs] for c, objs in detected.items()}),
+                         evaluator=evaluator))
+    if os.path.dirname(outfile):
+        os.makedirs(os.path.dirname(outfile), exist_ok=True)
+    with open(outfile, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return rows
+
+
+# -----------------------------------------------------------------------------------------------------------
+# summary: results.jsonl (ours or the official evaluator's) -> per-tag and overall scores
+
+
+def read_results(path):
+    """Rows of a results.jsonl; json undoes pandas' "\\/" escapes in the official files."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def wilson_interval(k, n, z=1.96):
+    """95% Wilson score interval of a binomial proportion k/n (sane at 0% and 100%, unlike p +- 1.96 se)."""
+    p, z2 = k / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return centre - half, centre + half
+
+
+def summarize(rows):
+    """The official summary_scores.py numbers. Tags in order of first appearance; overall = unweighted mean of
+    the per-tag image accuracies; prompts are grouped by the metadata string and count if any image is right."""
+    tags, prompts = {}, {}  # tag -> [n correct, n images]; metadata string -> any image correct
+    for row in rows:
+        ok = bool(row["correct"])
+        counts = tags.setdefault(row["tag"], [0, 0])
+        counts[0] += ok
+        counts[1] += 1
+        prompts[row["metadata"]] = prompts.get(row["metadata"], False) or ok
+    per_tag = {tag: k / n for tag, (k, n) in tags.items()}
+    return dict(n_images=len(rows), n_images_correct=sum(k for k, _ in tags.values()),
+                n_prompts=len(prompts), n_prompts_correct=sum(prompts.values()),
+                tags=tags, per_tag=per_tag, overall=sum(per_tag.values()) / len(per_tag),
+                evaluators=sorted({row.get("evaluator") or "not recorded (official evaluate_images.py?)"
+                                   for row in rows}))
+
+
+def print_summary(s):
+    for evaluator in s["evaluators"]:
+        print(f"evaluator: {evaluator}")
+    print(f"images: {s['n_images']}, prompts: {s['n_prompts']}")
+    print(f"correct images, pooled over tags: {s['n_images_correct'] / s['n_images']:.4f} (not the GenEval score)")
+    print(f"correct prompts, any image right: {s['n_prompts_correct'] / s['n_prompts']:.4f} (not the GenEval score)")
+    print(f"{'tag':<14} {'score':>6}  {'correct/images':>14}  95% Wilson CI")
+    for tag, (k, n) in s["tags"].items():
+        lo, hi = wilson_interval(k, n)
+        print(f"{tag:<14} {k / n:6.4f}  {f'{k}/{n}':>14}  [{lo:.4f}, {hi:.4f}]")
+    if sorted(s["tags"]) != sorted(TAGS):  # still the official formula, but not comparable to published scores
+        print(f"warning: the overall score averages these {len(s['tags'])} tags, not GenEval's six")
+    print(f"GenEval overall: {s['overall']:.4f}")  # the last line, for scripts
+
+
+# -----------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="GenEval scoring and summary (see the module docstring).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    # `generate` (the model samples images into OUT/<index:05d>/samples/) will be added here; it needs generate.py.
+
+    p = commands.add_parser("score", help="judge every image of an OUT folder in the official layout")
+    p.add_argument("--imagedir", required=True, help="OUT/<index>/{metadata.jsonl, samples/<k>.png}")
+    p.add_argument("--outfile", default="results.jsonl")
+    p.add_argument("--detector", default="eval_geneval:ScriptedDetector",
+                   help="module:name of a detector, image -> {class: [(box, score, mask)]}; a class is instantiated")
+    p.add_argument("--colour-classifier", default="eval_geneval:PaletteColours",
+                   help="module:name of a classifier, (crops, colours, classname) -> names or [N, 10] scores")
+    for key, value in DEFAULT_OPTIONS.items():  # the official --options, as typed flags
+        p.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
+
+    p = commands.add_parser("summary", help="per-tag and overall scores of a results.jsonl (ours or official)")
+    p.add_argument("results")
+    # `selfcheck` (the model answers its own questions: Acc(MMU|T2I), Acc(T2I|MMU)) will be added here; it needs
+    # understand.py and reward.py.
+
+    args = parser.parse_args(argv)
+    if args.command == "score":
+        opts = {key: getattr(args, key) for key in DEFAULT_OPTIONS}
+        rows = score(args.imagedir, args.outfile, load_plugin(args.detector), load_plugin(args.colour_classifier),
+                     opts)
+        print(f"wrote {len(rows)} rows to {args.outfile}")
+        if rows:
+            print_summary(summarize(rows))
+    elif args.command == "summary":
+        rows = read_results(args.results)
+        if not rows:
+            sys.exit(f"{args.results}: no results")
+        print_summary(summarize(rows))
+
+
+if __name__ == "__main__":
+    main()

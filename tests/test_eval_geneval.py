@@ -1,0 +1,233 @@
+"""GenEval scoring: the decision rules on synthetic detections with hand-derived verdicts, the official folder
+layout, and the summary formula. No weights: ScriptedDetector reads detections written into the test PNGs."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import eval_geneval as ge
+
+BLANK = Image.new("RGB", (64, 64))
+PALETTE = ge.PaletteColours()
+
+
+def det(*objects):
+    """{class: [(box, score, mask=None)]} from (class, box, score) triples."""
+    out = {}
+    for classname, box, score in objects:
+        out.setdefault(classname, []).append((box, score, None))
+    return out
+
+
+def verdict(metadata, detections, image=BLANK, colours=PALETTE, **opts):
+    opts = {**ge.DEFAULT_OPTIONS, **opts}
+    return ge.evaluate_image(image, metadata, lambda im: detections, colours, opts)[:2]
+
+
+# ------------------------------------------------------------------------------------------- thresholds, top-16, NMS
+
+SINGLE = {"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"}
+COUNTING = {"tag": "counting", "include": [{"class": "clock", "count": 2}], "exclude": [{"class": "clock", "count": 3}],
+            "prompt": "a photo of two clocks"}
+BOX = [0, 0, 10, 10]
+
+
+def test_threshold_is_strict():
+    assert verdict(SINGLE, det(("bench", BOX, 0.3))) == (False, "expected bench>=1, found 0")
+    assert verdict(SINGLE, det(("bench", BOX, np.float32(0.3)))) == (False, "expected bench>=1, found 0")  # as mmdet's
+    assert verdict(SINGLE, det(("bench", BOX, 0.3001))) == (True, "")
+
+
+def test_ties_come_out_in_reverse_detector_order_like_argsort_reversed():
+    tied = det(("cup", [0, 0, 1, 1], 0.5), ("cup", [2, 2, 3, 3], 0.5), ("cup", BOX, 0.9))
+    kept = ge.keep_confident(tied, "two_object")["cup"]
+    assert [box5[:4] for box5, _ in kept] == [BOX, [2, 2, 3, 3], [0, 0, 1, 1]]
+
+
+def test_counting_is_exact_with_the_0_9_threshold():
+    assert verdict(COUNTING, det(("clock", BOX, 0.95), ("clock", BOX, 0.95))) == (True, "")
+    # too low: the second clock scores 0.85 <= 0.9, although it would pass the 0.3 threshold of other tags
+    assert verdict(COUNTING, det(("clock", BOX, 0.95), ("clock", BOX, 0.85))) == (False, "expected clock>=2, found 1")
+    # too high: the exclude clause {clock, 3} fires on the third confident clock
+    three = det(("clock", BOX, 0.95), ("clock", BOX, 0.95), ("clock", BOX, 0.91))
+    assert verdict(COUNTING, three) == (False, "expected clock<3, found 3")
+    # a third clock at exactly 0.9 is dropped (strict >), so the count is still exactly two
+    assert verdict(COUNTING, det(("clock", BOX, 0.95), ("clock", BOX, 0.95), ("clock", BOX, 0.9))) == (True, "")
+
+
+def test_at_most_16_objects_per_class_most_confident_first():
+    people = det(*[("person", BOX, 0.5 + 0.02 * i) for i in range(20)])  # scores 0.50 .. 0.88
+    kept = ge.keep_confident(people, "single_object")["person"]
+    assert len(kept) == 16
+    assert [round(box5[4], 2) for box5, _ in kept] == [round(0.88 - 0.02 * i, 2) for i in range(16)]
+    # exclude counts the kept list: 20 detected, 16 kept, so ">= 17 persons" never fires and ">= 16" does
+    meta = {"tag": "single_object", "include": [{"class": "person", "count": 1}], "prompt": "p"}
+    assert verdict({**meta, "exclude": [{"class": "person", "count": 17}]}, people) == (True, "")
+    assert verdict({**meta, "exclude": [{"class": "person", "count": 16}]}, people) == (False, "expected person<16, found 16")
+
+
+def test_nms_uses_plus_one_iou_and_is_off_by_default():
+    a, b = [0, 0, 9, 9], [5, 0, 14, 9]
+    # +1 areas: 10*10 each, overlap 5*10 -> 50 / 150 = 1/3 (without +1: 36 / 126 = 0.286)
+    assert ge.box_iou_plus1(a, b) == pytest.approx(1 / 3)
+    two = det(("cup", a, 0.9), ("cup", b, 0.8))
+    assert len(ge.keep_confident(two, "single_object")["cup"]) == 2  # max_overlap 1.0: no NMS
+    nms = {**ge.DEFAULT_OPTIONS, "max_overlap": 0.3}  # 1/3 >= 0.3 suppresses; 0.286 would not
+    assert [box5 for box5, _ in ge.keep_confident(two, "single_object", nms)["cup"]] == [[0, 0, 9, 9, 0.9]]
+
+
+# ------------------------------------------------------------------------------------------------------ position
+
+B = [0, 0, 100, 100]  # the target: centre (50, 50), 100 x 100, so the margin is 0.1 * (100 + 100) = 20 per axis
+
+
+def test_relative_position_directions_and_diagonal():
+    assert ge.relative_position([140, 0, 240, 100], B) == {"right of"}  # offset (140, 0): 120 / 140 > 0.5
+    assert ge.relative_position(B, [140, 0, 240, 100]) == {"left of"}
+    assert ge.relative_position([0, -200, 100, -100], B) == {"above"}  # y points down
+    assert ge.relative_position([0, 200, 100, 300], B) == {"below"}
+    # offset (100, 100): shrunk (80, 80) / 141.4 = 0.566 on both axes -> two relations
+    assert ge.relative_position([100, 100, 200, 200], B) == {"right of", "below"}
+    assert ge.relative_position(B, B) == set()  # zero offset: no relation, no division by zero
+
+
+def test_relative_position_margin_edge():
+    # sideways: shrunk / full = (d - 20) / d > 0.5 needs d > 40
+    assert ge.relative_position([40, 0, 140, 100], B) == set()  # d = 40: exactly 0.5, not > 0.5
+    assert ge.relative_position([41, 0, 141, 100], B) == {"right of"}  # d = 41: 21 / 41 = 0.512
+    assert ge.relative_position([20, 0, 120, 100], B) == set()  # d = margin: shrunk to 0
+    # the margin scales with the boxes: the same offset of 5 is "right of" for 10-wide boxes (margin 2: 3/5)
+    assert ge.relative_position([5, 0, 15, 10], [0, 0, 10, 10]) == {"right of"}
+    assert ge.relative_position([5, 0, 105, 100], B) == set()
+
+
+POSITION = {"tag": "position", "include": [{"class": "teddy bear", "count": 1},
+                                           {"class": "dog", "count": 1, "position": ["right of", 0]}],
+            "prompt": "a photo of a dog right of a teddy bear"}
+
+
+def test_position_clause():
+    assert verdict(POSITION, det(("teddy bear", B, 0.9), ("dog", [140, 0, 240, 100], 0.9))) == (True, "")
+    assert verdict(POSITION, det(("teddy bear", [140, 0, 240, 100], 0.9), ("dog", B, 0.9))) == \
+        (False, "expected dog right of target, found left of target")
+    assert verdict(POSITION, det(("dog", [140, 0, 240, 100], 0.9))) == \
+        (False, "expected teddy bear>=1, found 0\nno target for dog to be right of")
+    # only the most confident dog is judged: a low-scoring dog on the wrong side does not matter
+    dogs = det(("teddy bear", B, 0.9), ("dog", [140, 0, 240, 100], 0.9), ("dog", [-200, 0, -100, 100], 0.5))
+    assert verdict(POSITION, dogs) == (True, "")
+
+
+def test_position_checks_every_object_target_pair():
+    meta = {"tag": "position", "prompt": "p", "include": [{"class": "teddy bear", "count": 2},
+                                                          {"class": "dog", "count": 1, "position": ["right of", 0]}]}
+    # the dog (centre 190) is right of the first bear (centre 50) but left of the second (centre 450)
+    objects = det(("teddy bear", B, 0.9), ("teddy bear", [400, 0, 500, 100], 0.8), ("dog", [140, 0, 240, 100], 0.9))
+    assert verdict(meta, objects) == (False, "expected dog right of target, found left of target")
+
+
+# -------------------------------------------------------------------------------------------------------- colour
+
+
+def scripted(tmp_path, objects, name="x.png"):
+    ge.write_scripted_sample(tmp_path / name, objects)
+    image = Image.open(tmp_path / name).convert("RGB")
+    return image, ge.ScriptedDetector()(image)
+
+
+def test_colour_judges_only_the_top_count_objects(tmp_path):
+    red_car = {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}], "prompt": "a photo of a red car"}
+    image, found = scripted(tmp_path, [("car", (0, 0, 20, 20), 0.9, "red"), ("car", (30, 30, 50, 50), 0.8, "blue")])
+    assert verdict(red_car, found, image) == (True, "")  # the blue car is less confident, so it is not judged
+    image, found = scripted(tmp_path, [("car", (0, 0, 20, 20), 0.7, "red"), ("car", (30, 30, 50, 50), 0.8, "blue")])
+    assert verdict(red_car, found, image) == (False, "expected red car>=1, found 0 red; and 1 blue")
+
+
+def test_colour_majority_is_not_enough(tmp_path):
+    three_red = {"tag": "colors", "include": [{"class": "car", "count": 3, "color": "red"}], "prompt": "p"}
+    image, found = scripted(tmp_path, [("car", (0, 0, 10, 10), 0.9, "red"), ("car", (20, 0, 30, 10), 0.8, "red"),
+                                       ("car", (40, 0, 50, 10), 0.7, "blue")])
+    assert verdict(three_red, found, image) == (False, "expected red car>=3, found 2 red; and 2 red, 1 blue")
+
+
+def test_colour_crop_uses_mask_on_grey_and_classifier_scores():
+    image = Image.new("RGB", (20, 10), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 10, 10))  # left half red, right half blue
+    mask = np.zeros((10, 20), dtype=bool)
+    mask[:, :10] = True
+    box5 = [0, 0, 20, 10, 0.9]
+    masked, unmasked = ge.crop_objects(image, [(box5, mask), (box5, None)])
+    assert masked.getpixel((15, 5)) == (153, 153, 153)  # outside the mask: #999 grey, ignored by the palette
+    assert PALETTE([masked, unmasked], ge.COLOURS, "kite") == ["red", "purple"]  # unmasked: red + blue averaged
+    # a classifier may return [N, 10] scores instead of names; argmax picks the colour
+    scores = lambda crops, colours, classname: np.eye(10)[[colours.index("green")] * len(crops)]
+    assert ge.object_colours(image, [(box5, mask)], "kite", scores) == ["green"]
+
+
+# ------------------------------------------------------------------------------------------------ layout, summary
+
+
+def write_prompt(imagedir, index, metadata, samples):
+    folder = imagedir / f"{index:05d}"
+    (folder / "samples").mkdir(parents=True)
+    (folder / "metadata.jsonl").write_text(json.dumps(metadata) + "\n")
+    for k, objects in enumerate(samples):
+        ge.write_scripted_sample(folder / "samples" / f"{k:05d}.png", objects)
+
+
+def test_layout_is_read_like_the_official_evaluator(tmp_path):
+    write_prompt(tmp_path, 0, SINGLE, [[], []])
+    Image.new("RGB", (8, 8)).save(tmp_path / "00000" / "samples" / "00002.jpg")  # not PNG: ignored
+    write_prompt(tmp_path, 1, SINGLE, [[]])
+    os.rename(tmp_path / "00001", tmp_path / "extra")  # not all digits: skipped
+    assert [os.path.basename(p) for p, _ in ge.find_samples(tmp_path)] == ["00000.png", "00001.png"]
+    (tmp_path / "00000" / "metadata.jsonl").write_text(json.dumps(SINGLE) + "\n" + json.dumps(SINGLE) + "\n")
+    with pytest.raises(ValueError, match="exactly one JSON object"):
+        ge.find_samples(tmp_path)
+
+
+def rows_of(tag, prompt, verdicts):
+    meta = json.dumps({"tag": tag, "prompt": prompt})
+    return [{"tag": tag, "prompt": prompt, "correct": c, "metadata": meta} for c in verdicts]
+
+
+def test_summary_is_the_unweighted_tag_mean(tmp_path, capsys):
+    rows = (rows_of("single_object", "A", [True, True]) + rows_of("single_object", "B", [True, False])
+            + rows_of("counting", "C", [False, False]) + rows_of("position", "D", [True, True]))
+    s = ge.summarize(rows)
+    assert s["tags"] == {"single_object": [3, 4], "counting": [0, 2], "position": [2, 2]}
+    assert s["overall"] == pytest.approx((3 / 4 + 0 + 1) / 3)  # 0.5833, while the pooled mean is 5/8 = 0.625
+    assert (s["n_images_correct"], s["n_images"]) == (5, 8)
+    assert (s["n_prompts_correct"], s["n_prompts"]) == (3, 4)  # A, B, D have an image right
+    # an official-evaluator file: pandas records with "\/" escapes and no `evaluator` key
+    lines = [json.dumps(r).replace("/", "\\/") for r in rows]
+    (tmp_path / "official.jsonl").write_text("\n".join('{"filename":"out\\/0\\/samples\\/0.png",' + l[1:]
+                                                       for l in lines))
+    ge.main(["summary", str(tmp_path / "official.jsonl")])
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == "GenEval overall: 0.5833"
+    assert "not recorded" in out[0]
+
+
+def test_score_round_trip_into_summary(tmp_path, capsys):
+    out = tmp_path / "out"
+    write_prompt(out, 0, SINGLE, [[("bench", (5, 5, 40, 40), 0.9, "brown")], []])
+    write_prompt(out, 1, COUNTING, [[("clock", (0, 0, 10, 10), 0.95, "white"), ("clock", (20, 0, 30, 10), 0.95, "white")],
+                                    [("clock", (0, 0, 10, 10), 0.95, "white")] * 3])
+    color_attr = {"tag": "color_attr", "prompt": "a photo of a red car and a blue bench",
+                  "include": [{"class": "car", "count": 1, "color": "red"}, {"class": "bench", "count": 1, "color": "blue"}]}
+    write_prompt(out, 2, color_attr, [[("car", (0, 0, 20, 20), 0.9, "red"), ("bench", (30, 30, 60, 60), 0.9, "blue")]] * 2)
+    results = tmp_path / "results.jsonl"
+    ge.main(["score", "--imagedir", str(out), "--outfile", str(results)])
+    rows = ge.read_results(results)
+    assert [r["correct"] for r in rows] == [True, False, True, False, True, True]
+    assert rows[3]["reason"] == "expected clock<3, found 3"
+    assert {"filename", "tag", "prompt", "correct", "reason", "metadata", "details"} <= set(rows[0])
+    assert json.loads(rows[0]["details"]) == {"bench": [[5, 5, 40, 40, 0.9]]}
+    assert json.loads(rows[0]["metadata"]) == SINGLE
+    capsys.readouterr()
+    ge.main(["summary", str(results)])
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-1] == "GenEval overall: 0.6667"  # (1/2 + 1/2 + 2/2) / 3
+    assert "scripted" in printed[0]
