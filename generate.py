@@ -52,20 +52,81 @@ def filter_logits(logits, top_k=0, top_p=1.0):
     return logits
 
 
+def pick_codes(logits, greedy=False, noise=None, generator=None):
+    """One code per row from (already tempered and filtered) logits [B, K].
+
+    greedy: argmax. noise [B, K] of Exp(1) draws: the exponential race argmax(p / E), an exact sample with no host
+    sync and no torch.multinomial, so it can live inside a compiled CUDA graph. Otherwise one torch.multinomial
+    call over the rows in image order, which reproduces the official sampler's RNG consumption.
+    """
+    if greedy:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float(), dim=-1)
+    if noise is not None:
+        return (probs / noise).argmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def guided_step(model, hidden, cfg_weight, temperature, top_k, top_p, greedy, noise, generator=None):
+    """Last hidden states of [cond; uncond] rows [2B, H] -> (codes [B], log-probs [B], guided logits [B, K])."""
+    logits = model.image_logits(hidden)  # [2B, K]
+    B = logits.shape[0] // 2
+    guided = logits[B:] + cfg_weight * (logits[:B] - logits[B:])  # in the logits dtype, as the official loop
+    policy = filter_logits(guided / temperature, top_k, top_p)
+    codes = pick_codes(policy, greedy, noise, generator)
+    logprobs = torch.log_softmax(policy.float(), -1).gather(1, codes[:, None])[:, 0]
+    return codes, logprobs, guided
+
+
+def decode_step(model, codes, positions, slot, key_valid, cache, cfg_weight, temperature, top_k, top_p, greedy,
+                noise, generator=None):
+    """Feed the codes of step t (both rows of each image), return step t+1's codes: the hot loop body.
+
+    Every changing value (positions [2B, 1], cache slot [1], noise) is a tensor, so a compiled version of this
+    function is traced once and replayed for all 575 steps.
+    """
+    x = model.gen_embeds(torch.cat([codes, codes]))[:, None]  # [2B, 1, H]
+    hidden = model(x, positions, attention_bias(key_valid, slot, x.dtype), cache, slot)[:, -1]
+    return guided_step(model, hidden, cfg_weight, temperature, top_k, top_p, greedy, noise, generator)
+
+
+_compiled_steps = {}
+
+
+def compiled_decode_step(backend):
+    """decode_step compiled once per backend: CUDA graphs ("reduce-overhead") on GPU; tests pass "eager" or a
+    counting backend to check that tracing works without graph breaks or per-step recompiles."""
+    if backend not in _compiled_steps:
+        kw = dict(mode="reduce-overhead") if backend == "inductor" else dict(backend=backend)
+        _compiled_steps[backend] = torch.compile(decode_step, fullgraph=True, **kw)
+    return _compiled_steps[backend]
+
+
 @torch.no_grad()
 def janus_generate(model, processor, prompts, n_per_prompt=1, cfg_weight=5.0, temperature=1.0, top_k=0, top_p=1.0,
-                   greedy=False, generator=None, return_logprobs=False, return_logits=False, decode=True,
-                   progress=False):
+                   greedy=False, generator=None, sampler=None, compile=None, return_logprobs=False,
+                   return_logits=False, decode=True, progress=False):
     """Sample n_per_prompt images for every prompt.
 
     Returns a dict: tokens [B, T] (B = len(prompts) * n_per_prompt, prompt-major), images [B, S, S, 3] uint8
     (if decode), logprobs [B, T] (log-prob of each sampled code under the guided, tempered, filtered policy),
     logits [B, T, K] guided logits (if return_logits).
-    Greedy = argmax of the guided distribution (deterministic tests); sampling draws one torch.multinomial per
-    step over the [B, K] probabilities in image order, which reproduces the official RNG consumption.
+
+    sampler="multinomial" reproduces the official sampler draw for draw (one torch.multinomial per step);
+    sampler="race" is the exponential race (same distribution, different RNG use, no host sync).
+    Default: "race" when compiled, "multinomial" when eager.
+    compile: None = on for CUDA; True; False; or a torch.compile backend (e.g. "eager" in CPU tests).
+    torch.multinomial cannot be captured in a graph, so sampler="multinomial" always decodes eagerly.
     """
     cfg, device = model.cfg, model.gen_embed.weight.device
     dtype = model.gen_embed.weight.dtype
+    if compile is None:
+        compile = device.type == "cuda"
+    sampler = sampler or ("race" if compile else "multinomial")
+    if sampler not in ("race", "multinomial"):
+        raise ValueError(f"sampler must be 'race' or 'multinomial', not {sampler!r}")
+    eager = not compile or (sampler == "multinomial" and not greedy)
+    step = decode_step if eager else compiled_decode_step("inductor" if compile is True else compile)
     pad_id, T = processor.ids["pad"], cfg.gen_grid ** 2
     cond = [processor.t2i_prompt_ids(p) for p in prompts for _ in range(n_per_prompt)]
     B = len(cond)
@@ -77,29 +138,33 @@ def janus_generate(model, processor, prompts, n_per_prompt=1, cfg_weight=5.0, te
     key_valid = torch.cat([valid, torch.ones(2 * B, T, dtype=torch.bool, device=device)], dim=1)  # [2B, L+T]
     positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # [2B, L]; left pads get 0, they are masked anyway
     cache = KVCache(cfg, 2 * B, L + T, dtype, device)
+    if not eager and device.type == "cuda":  # in-place cache writes inside a CUDA graph need fixed addresses
+        torch._dynamo.mark_static_address(cache.k)
+        torch._dynamo.mark_static_address(cache.v)
 
+    def exp_noise():  # drawn outside the graph so that `generator` seeds the race sampler too
+        if greedy or sampler != "race":
+            return None
+        return torch.empty(B, cfg.gen_vocab_size, device=device).exponential_(generator=generator)
+
+    # prefill runs eagerly: its shape differs from the one-token decode step, which would recompile
     slots = torch.arange(L, device=device)
     hidden = model(model.embed_tokens(ids), positions, attention_bias(key_valid, slots, dtype), cache, slots)[:, -1]
-    next_pos = positions[:, -1:] + 1  # [2B, 1]
+    codes, logprob, guided = guided_step(model, hidden, cfg_weight, temperature, top_k, top_p, greedy, exp_noise(),
+                                         generator)
     tokens = torch.empty(B, T, dtype=torch.long, device=device)
-    logprobs = torch.empty(B, T, dtype=torch.float32, device=device) if return_logprobs else None
-    all_logits = [] if return_logits else None
-    for t in tqdm(range(T), disable=not progress, desc="image tokens", leave=False):
-        logits = model.image_logits(hidden)  # [2B, K]
-        guided = logits[B:] + cfg_weight * (logits[:B] - logits[B:])
+    logprobs = torch.empty(B, T, dtype=torch.float32, device=device)
+    all_logits = [guided] if return_logits else None
+    tokens[:, 0], logprobs[:, 0] = codes, logprob
+    next_pos = positions[:, -1:] + 1  # [2B, 1]
+    for t in tqdm(range(1, T), disable=not progress, desc="image tokens", leave=False):
+        slot = torch.full((1,), L + t - 1, device=device, dtype=torch.long)
+        codes, logprob, guided = step(model, codes, next_pos + t - 1, slot, key_valid, cache, cfg_weight, temperature,
+                                      top_k, top_p, greedy, exp_noise(), generator if eager else None)
+        codes = codes.clone()  # a CUDA-graph output is overwritten by the next replay
+        tokens[:, t], logprobs[:, t] = codes, logprob
         if return_logits:
-            all_logits.append(guided)
-        guided = filter_logits(guided / temperature, top_k, top_p)
-        probs = torch.softmax(guided, dim=-1)
-        code = probs.argmax(-1) if greedy else torch.multinomial(probs.float(), 1, generator=generator)[:, 0]
-        tokens[:, t] = code
-        if return_logprobs:
-            logprobs[:, t] = torch.log_softmax(guided.float(), -1).gather(1, code[:, None])[:, 0]
-        if t == T - 1:
-            break
-        slot = torch.full((1,), L + t, device=device, dtype=torch.long)
-        x = model.gen_embeds(torch.cat([code, code]))[:, None]  # the same code feeds both rows of an image
-        hidden = model(x, next_pos + t, attention_bias(key_valid, slot, dtype), cache, slot)[:, -1]
+            all_logits.append(guided.clone())
     out = dict(tokens=tokens)
     if return_logprobs:
         out["logprobs"] = logprobs

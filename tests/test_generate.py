@@ -1,0 +1,104 @@
+"""The Janus sampler's mechanics: compiled decode step (traced once, no recompiles), exact exponential-race sampling,
+top-k/top-p, left-padded prompt batches, log-probs, and the CLI."""
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import generate
+import model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.environ.get("UNIRL_FIXTURES", os.path.join(ROOT, "..", "shared", "fixtures"))
+JANUS_DIRS = sorted(d for d in glob.glob(os.path.join(FIXTURES, "janus*")) if os.path.isdir(d))
+need_fixture = pytest.mark.skipif(not JANUS_DIRS, reason=f"no janus* fixture under {FIXTURES}")
+
+
+@pytest.fixture(scope="module")
+def janus():
+    return model.load_janus(JANUS_DIRS[0])
+
+
+@need_fixture
+def test_compiled_decode_step_is_traced_once_and_matches_eager(janus):
+    from torch._dynamo.testing import CompileCounter
+    m, p = janus
+    counter = CompileCounter()
+    prompts = ["a red cube", "two blue spheres on a table"]
+    eager = generate.janus_generate(m, p, prompts, 2, cfg_weight=3.0, greedy=True, compile=False, decode=False,
+                                    return_logprobs=True)
+    compiled = generate.janus_generate(m, p, prompts, 2, cfg_weight=3.0, greedy=True, compile=counter, decode=False,
+                                       return_logprobs=True)
+    assert torch.equal(eager["tokens"], compiled["tokens"])
+    torch.testing.assert_close(eager["logprobs"], compiled["logprobs"])
+    assert counter.frame_count == 1, f"decode step compiled {counter.frame_count} times (recompiles per step?)"
+    raced = generate.janus_generate(m, p, prompts, 2, generator=torch.Generator().manual_seed(0), sampler="race",
+                                    compile=counter, decode=False)
+    assert raced["tokens"].shape == eager["tokens"].shape
+    assert counter.frame_count == 2  # one more trace for the sampling variant, none per step
+
+
+def test_exponential_race_samples_the_distribution():
+    torch.manual_seed(0)
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(200_000, 4)
+    noise = torch.empty(200_000, 4).exponential_()
+    freq = torch.bincount(generate.pick_codes(logits, noise=noise), minlength=4).float() / 200_000
+    assert (freq - probs).abs().max() < 0.005
+
+
+def test_top_k_and_top_p_filters():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0]]).log()  # probs 0.4, 0.3, 0.2, 0.1
+    keep_k = generate.filter_logits(logits, top_k=2).isfinite()
+    assert keep_k.tolist() == [[True, True, False, False]]
+    keep_p = generate.filter_logits(logits, top_p=0.65).isfinite()  # 0.4 + 0.3 reaches 0.65
+    assert keep_p.tolist() == [[True, True, False, False]]
+    keep_p = generate.filter_logits(logits, top_p=0.75).isfinite()  # needs the third
+    assert keep_p.tolist() == [[True, True, True, False]]
+
+
+@need_fixture
+def test_left_padded_prompt_batch_equals_one_prompt_at_a_time(janus):
+    m, p = janus
+    prompts = ["a cat", "a photo of a purple bench and a green giraffe"]
+    together = generate.janus_generate(m, p, prompts, 2, greedy=True, decode=False, return_logits=True)
+    for i, prompt in enumerate(prompts):
+        alone = generate.janus_generate(m, p, [prompt], 2, greedy=True, decode=False, return_logits=True)
+        assert torch.equal(alone["tokens"], together["tokens"][2 * i: 2 * i + 2])
+        torch.testing.assert_close(alone["logits"], together["logits"][2 * i: 2 * i + 2], atol=1e-5, rtol=0)
+
+
+@need_fixture
+def test_logprobs_match_a_teacher_forced_forward(janus):
+    """The recorded log-probs equal those of one full forward over [prompt, codes]: what GRPO will recompute."""
+    m, p = janus
+    g = torch.Generator().manual_seed(1)
+    out = generate.janus_generate(m, p, ["a dog"], 3, cfg_weight=2.0, temperature=0.7, generator=g,
+                                  return_logprobs=True, decode=False)
+    prompt = p.t2i_prompt_ids("a dog")
+    rows = torch.tensor([prompt, generate.unconditional_ids(prompt, p.ids["pad"])]).repeat_interleave(3, 0)
+    codes = out["tokens"]
+    with torch.no_grad():
+        embeds = torch.cat([m.embed_tokens(rows), m.gen_embeds(torch.cat([codes, codes]))[:, :-1]], dim=1)
+        logits = m.image_logits(m(embeds)[:, len(prompt) - 1:])  # [2B, T, K]
+    guided = logits[3:] + 2.0 * (logits[:3] - logits[3:])
+    want = torch.log_softmax(guided / 0.7, -1).gather(2, codes[..., None])[..., 0]
+    torch.testing.assert_close(out["logprobs"], want, atol=1e-4, rtol=0)
+
+
+@need_fixture
+def test_cli_writes_pngs_and_grid(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "generate.py"), "--model", JANUS_DIRS[0], "--prompt", "two cats",
+           "--n", "3", "--seed", "0", "--out", str(tmp_path)]
+    subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
+    side = model.JanusConfig.from_json(__import__("json").load(open(os.path.join(JANUS_DIRS[0], "config.json")))).gen_image_size
+    for name in ("00000.png", "00001.png", "00002.png"):
+        assert Image.open(tmp_path / name).size == (side, side)
+    assert Image.open(tmp_path / "grid.png").size == (2 * side, 2 * side)
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--model", str(tmp_path / "nope"),
+                          "--prompt", "x"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode != 0 and "is not a folder" in bad.stderr
