@@ -175,6 +175,36 @@ def janus_generate(model, processor, prompts, n_per_prompt=1, cfg_weight=5.0, te
     return out
 
 
+def janus_image_logprobs(model, processor, prompts, tokens, cfg_weight=5.0, temperature=1.0, mode="cond"):
+    """Teacher-forced log pi(x_t | prompt, x_<t) of given image codes, in one forward (with grad if enabled).
+
+    The training-side twin of janus_generate: same prompt rows, left padding and positions, so the "cfg" mode
+    reproduces the sampler's log-probs. prompts: one string per row of tokens [B, T].
+    mode "cond": conditional row only, log_softmax(c_t / temperature) (one row per image; off-policy w.r.t. CFG);
+    mode "cfg":  both rows, log_softmax((u_t + w (c_t - u_t)) / temperature), exactly the sampling policy.
+    Returns [B, T] float32.
+    """
+    if mode not in ("cond", "cfg"):
+        raise ValueError(f"mode must be 'cond' or 'cfg', not {mode!r}")
+    device, pad_id = tokens.device, processor.ids["pad"]
+    cond = [processor.t2i_prompt_ids(p) for p in prompts]
+    rows = cond + ([unconditional_ids(s, pad_id) for s in cond] if mode == "cfg" else [])
+    ids, valid = left_pad(rows, pad_id)
+    ids, valid = ids.to(device), valid.to(device)
+    codes = tokens if mode == "cond" else torch.cat([tokens, tokens])
+    B, T = tokens.shape
+    L = ids.shape[1]
+    embeds = torch.cat([model.embed_tokens(ids), model.gen_embeds(codes[:, :-1])], dim=1)  # [R, L+T-1, H]
+    key_valid = torch.cat([valid, torch.ones(len(rows), T - 1, dtype=torch.bool, device=device)], dim=1)
+    positions = (key_valid.long().cumsum(1) - 1).clamp(min=0)
+    bias = None if bool(valid.all()) else attention_bias(key_valid, torch.arange(L + T - 1, device=device),
+                                                         embeds.dtype)
+    logits = model.image_logits(model(embeds, positions, bias)[:, L - 1:])  # [R, T, K]
+    if mode == "cfg":
+        logits = logits[B:] + cfg_weight * (logits[:B] - logits[B:])
+    return torch.log_softmax(logits.float() / temperature, -1).gather(2, tokens[..., None])[..., 0]
+
+
 def save_images(images, out_dir, grid_name="grid.png"):
     """uint8 [B, H, W, 3] -> out_dir/00000.png ... and a near-square grid.png; returns the file paths."""
     from PIL import Image

@@ -899,33 +899,38 @@ class JanusProcessor:
         -> input_ids [B, L], attention_mask [B, L], images_seq_mask [B, L], pixel_values [B, n, 3, S, S],
            images_emb_mask [B, n, N]
         """
-        seqs = [self.expand_images(self.encode(t)) for t in texts]
+        pixels = [torch.stack([self.preprocess(im) for im in ims]) if ims else None for ims in images]
+        return self.batch_from_ids([self.expand_images(self.encode(t)) for t in texts], pixels)
+
+    def batch_from_ids(self, seqs, pixels):
+        """As understanding_batch, from expanded id lists and per-row pixel tensors [n_i, 3, S, S] (or None)."""
         B, L, N = len(seqs), max(map(len, seqs)), self.cfg.num_und_tokens
-        n = max(1, max(len(im) for im in images))
+        n = max(1, max(0 if p is None else len(p) for p in pixels))
         input_ids = torch.full((B, L), self.ids["pad"], dtype=torch.long)
         attention_mask = torch.zeros(B, L, dtype=torch.long)
         pixel_values = torch.zeros(B, n, 3, self.image_size, self.image_size)
         images_emb_mask = torch.zeros(B, n, N, dtype=torch.bool)
-        for i, (seq, ims) in enumerate(zip(seqs, images)):
+        for i, (seq, pix) in enumerate(zip(seqs, pixels)):
             input_ids[i, L - len(seq):] = torch.tensor(seq)
             attention_mask[i, L - len(seq):] = 1
-            for j, im in enumerate(ims):
-                pixel_values[i, j] = self.preprocess(im)
-                images_emb_mask[i, j] = True
+            if pix is not None:
+                pixel_values[i, :len(pix)] = pix
+                images_emb_mask[i, :len(pix)] = True
         images_seq_mask = input_ids == self.ids["image"]
         return dict(input_ids=input_ids, attention_mask=attention_mask, images_seq_mask=images_seq_mask,
                     pixel_values=pixel_values, images_emb_mask=images_emb_mask)
 
 
-def janus_inputs_embeds(model, input_ids, images_seq_mask, pixel_values, images_emb_mask):
+def janus_inputs_embeds(model, input_ids, images_seq_mask, pixel_values, images_emb_mask, detach_image=False):
     """Token embeddings with the image features written over the placeholder rows, in row-major order."""
     B, n = pixel_values.shape[:2]
     dtype = model.language_model.model.embed_tokens.weight.dtype
     feats = model.image_features(pixel_values.flatten(0, 1).to(dtype))  # [B*n, N, H]
+    if detach_image:  # the answer policy is over text: no gradient into the ViT and aligner
+        feats = feats.detach()
     feats = feats.view(B, n * feats.shape[1], -1)[images_emb_mask.flatten(1)]
     embeds = model.embed_tokens(input_ids.clamp(min=0))  # negative ids (ignore markers) read row 0, as upstream
-    embeds[images_seq_mask] = feats.to(embeds.dtype)
-    return embeds
+    return embeds.masked_scatter(images_seq_mask[..., None], feats.to(embeds.dtype))  # out of place: autograd-safe
 
 
 def to_uint8(pixels):

@@ -85,6 +85,35 @@ def janus_answer(model, processor, images, questions, max_new_tokens=100, temper
     return out
 
 
+def janus_answer_logprobs(model, processor, pixels, questions, answers, detach_image=True):
+    """Teacher-forced log p(a_t | image, q, a_<t) over the answer tokens and the closing EOS.
+
+    pixels [B, 3, S, S] (preprocessed; may carry grad for end-to-end training). The prompt (ending in
+    "<|Assistant|>:") and " " + answer are tokenised separately, then joined: the same token boundary that
+    generation produces. Returns (logprobs [B, M], mask [B, M]) with M the longest answer + 1.
+    """
+    eos = processor.ids["eos"]
+    prompts = [processor.expand_images(processor.encode(processor.question_text(q))) for q in questions]
+    targets = [processor.tokenizer.encode(" " + a.strip(), add_special_tokens=False).ids + [eos] for a in answers]
+    batch = processor.batch_from_ids([p + t for p, t in zip(prompts, targets)], [px[None] for px in pixels])
+    device = model.gen_embed.weight.device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    embeds = janus_inputs_embeds(model, batch["input_ids"], batch["images_seq_mask"], batch["pixel_values"],
+                                 batch["images_emb_mask"], detach_image)
+    valid = batch["attention_mask"].bool()
+    L = valid.shape[1]
+    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+    bias = attention_bias(valid, torch.arange(L, device=device), embeds.dtype)
+    M = max(map(len, targets))
+    hidden = model(embeds, positions, bias)[:, L - M - 1:-1]  # the positions that predict the last M tokens
+    logp = torch.log_softmax(model.text_logits(hidden).float(), -1)
+    ids = batch["input_ids"][:, L - M:]
+    mask = torch.zeros(len(targets), M, dtype=torch.bool, device=device)
+    for i, t in enumerate(targets):
+        mask[i, M - len(t):] = True  # rows are right-aligned, so each answer ends at the last column
+    return logp.gather(2, ids[..., None])[..., 0] * mask, mask
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="checkpoint folder")

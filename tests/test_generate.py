@@ -102,3 +102,48 @@ def test_cli_writes_pngs_and_grid(tmp_path):
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--model", str(tmp_path / "nope"),
                           "--prompt", "x"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode != 0 and "is not a folder" in bad.stderr
+
+
+@need_fixture
+def test_teacher_forced_image_logprobs_reproduce_the_sampler(janus):
+    """janus_image_logprobs(mode="cfg") is the sampling policy: it equals the rollout's recorded log-probs, for
+    a left-padded batch of prompts of different lengths; mode="cond" uses the conditional rows alone."""
+    m, p = janus
+    prompts = ["a dog", "a photo of a purple bench and a green giraffe"]
+    out = generate.janus_generate(m, p, prompts, 2, cfg_weight=3.0, temperature=0.8,
+                                  generator=torch.Generator().manual_seed(3), return_logprobs=True, decode=False)
+    rows = [pr for pr in prompts for _ in range(2)]
+    with torch.no_grad():
+        cfg_lp = generate.janus_image_logprobs(m, p, rows, out["tokens"], 3.0, 0.8, mode="cfg")
+        cond_lp = generate.janus_image_logprobs(m, p, rows, out["tokens"], 3.0, 0.8, mode="cond")
+    torch.testing.assert_close(cfg_lp, out["logprobs"], atol=1e-4, rtol=0)
+    assert not torch.allclose(cond_lp, cfg_lp, atol=1e-2)  # guidance really changes the policy
+    with torch.no_grad():  # the conditional rows alone, one prompt at a time, no padding
+        ids = torch.tensor(p.t2i_prompt_ids(prompts[0])).repeat(2, 1)
+        codes = out["tokens"][:2]
+        h = m(torch.cat([m.embed_tokens(ids), m.gen_embeds(codes[:, :-1])], 1))[:, ids.shape[1] - 1:]
+        want = torch.log_softmax(m.image_logits(h) / 0.8, -1).gather(2, codes[..., None])[..., 0]
+    torch.testing.assert_close(cond_lp[:2], want, atol=1e-4, rtol=0)
+
+
+@need_fixture
+def test_answer_logprobs_match_a_single_row_forward(janus):
+    """Batched, left-padded teacher-forced answer log-probs equal a plain one-row forward over prompt + answer."""
+    import understand
+    m, p = janus
+    images = generate.janus_generate(m, p, ["a cat", "two dogs"], 1, greedy=True)["images"]
+    pixels = torch.stack([p.preprocess(Image.fromarray(im.numpy())) for im in images])
+    questions = ["What is the main item in this image?", "How many items in this image?"]
+    answers = ["cat", "There are two dogs on the grass"]
+    with torch.no_grad():
+        lp, mask = understand.janus_answer_logprobs(m, p, pixels, questions, answers)
+        for i in range(2):
+            target = p.tokenizer.encode(" " + answers[i], add_special_tokens=False).ids + [p.ids["eos"]]
+            prompt = p.expand_images(p.encode(p.question_text(questions[i])))
+            batch = p.batch_from_ids([prompt + target], [pixels[i:i + 1]])
+            embeds = model.janus_inputs_embeds(m, batch["input_ids"], batch["images_seq_mask"],
+                                               batch["pixel_values"], batch["images_emb_mask"])
+            logits = m.text_logits(m(embeds))[0, len(prompt) - 1:-1]
+            want = torch.log_softmax(logits, -1).gather(1, torch.tensor(target)[:, None])[:, 0]
+            assert int(mask[i].sum()) == len(target)
+            torch.testing.assert_close(lp[i][mask[i]], want, atol=1e-5, rtol=0)
