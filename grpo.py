@@ -1,0 +1,72 @@
+"""
+GRPO for a unified model: the images of one prompt form a group, the model's own answers about them are the rewards.
+
+    A_i      = (r_i - mean_j r_j) / (std_j r_j + eps)            group-normalised advantage (std off = Dr. GRPO)
+    rho_it   = exp(l_it - l_old_it)                               l = log pi_theta(token t of sequence i)
+    pg_it    = -min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i)
+    kl_it    = exp(l_ref_it - l_it) - (l_ref_it - l_it) - 1       k3 estimator of KL(pi_theta || pi_ref), >= 0
+    loss     = Agg_t(pg + beta kl)   with Agg = grpo (mean over sequences of token means) | dapo (token mean over
+               the batch) | dr_grpo (token sum / (B * L_max))
+
+Without an old policy (UniRL's default, one update per rollout) l_old = stopgrad(l): rho = 1 in value, the clip is
+inactive and the gradient is -A_i grad l. Image tokens and answer tokens are aggregated separately and then weighted,
+so ~10 answer tokens are not drowned by 576 image tokens (spec/method.md section 6.5). These are the standard GRPO
+forms; UniRL's exact ones are unpublished (method.md marks them [SPEC]).
+"""
+import torch
+
+AGGREGATIONS = ("grpo", "dapo", "dr_grpo")
+
+
+def group_advantages(rewards, std_normalize=True, eps=1e-4):
+    """rewards [n_groups, G] -> advantages [n_groups, G]. std is the unbiased std over the group."""
+    rewards = rewards.float()
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    if not std_normalize:
+        return centred
+    return centred / (rewards.std(dim=1, keepdim=True) + eps)
+
+
+def k3_kl(logp, logp_ref, clamp=10.0):
+    """exp(d) - d - 1 with d = l_ref - l: unbiased for KL(pi || pi_ref) under samples of pi, and never negative."""
+    delta = (logp_ref - logp).clamp(-clamp, clamp)
+    return torch.exp(delta) - delta - 1
+
+
+def aggregate(per_token, mask, how="grpo", max_len=None):
+    """Reduce a [B, T] per-token loss to a scalar over the tokens where mask is True."""
+    mask = mask.float()
+    if how == "grpo":
+        return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    if how == "dapo":
+        return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    if how == "dr_grpo":
+        return (per_token * mask).sum() / (mask.shape[0] * (max_len or mask.shape[1]))
+    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, not {how!r}")
+
+
+def policy_loss(logp, advantages, mask=None, logp_old=None, logp_ref=None, beta=0.0, clip_low=0.2, clip_high=0.2,
+                agg="grpo", max_len=None):
+    """Clipped policy-gradient loss with a k3 KL penalty for one segment (image tokens or answer tokens).
+
+    logp [B, T] with grad; advantages [B]; mask [B, T] (None = all tokens); logp_old / logp_ref [B, T] or None.
+    Returns (loss, stats) where stats holds detached means for logging.
+    """
+    mask = torch.ones_like(logp, dtype=torch.bool) if mask is None else mask
+    old = logp.detach() if logp_old is None else logp_old
+    ratio = torch.exp(logp - old)
+    adv = advantages[:, None].to(logp.dtype)
+    pg = -torch.min(ratio * adv, ratio.clamp(1 - clip_low, 1 + clip_high) * adv)
+    per_token = pg
+    kl = None
+    if logp_ref is not None and beta > 0:
+        kl = k3_kl(logp, logp_ref)
+        per_token = pg + beta * kl
+    loss = aggregate(per_token, mask, agg, max_len)
+    m = mask.float()
+    stats = dict(pg=float((pg.detach() * m).sum() / m.sum().clamp(min=1)),
+                 clip_frac=float((((ratio < 1 - clip_low) | (ratio > 1 + clip_high)) & mask).float().sum()
+                                 / m.sum().clamp(min=1)))
+    if kl is not None:
+        stats["kl"] = float((kl.detach() * m).sum() / m.sum().clamp(min=1))
+    return loss, stats

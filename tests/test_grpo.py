@@ -1,0 +1,101 @@
+"""GRPO loss math on hand-computed toy tensors: advantages, k3 KL, clipping, the three aggregations, gradients."""
+import math
+
+import pytest
+import torch
+
+import grpo
+
+
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([[0.0, 1.0, 2.0], [3.0, 3.0, 3.0]])
+    adv = grpo.group_advantages(rewards)
+    # mean 1, unbiased std 1 -> (r - 1) / (1 + 1e-4); a flat group gives exactly zero
+    torch.testing.assert_close(adv[0], torch.tensor([-1.0, 0.0, 1.0]) / (1 + 1e-4))
+    assert torch.equal(adv[1], torch.zeros(3))
+    torch.testing.assert_close(grpo.group_advantages(rewards, std_normalize=False)[0], torch.tensor([-1.0, 0.0, 1.0]))
+    # the paper figure's group: 0, 1, 2 points
+    r = torch.tensor([[0.0, 1.0, 2.0, 2.0]])
+    mean, std = 1.25, math.sqrt(((0 - 1.25) ** 2 + (1 - 1.25) ** 2 + 2 * (2 - 1.25) ** 2) / 3)
+    torch.testing.assert_close(grpo.group_advantages(r), (r - mean) / (std + 1e-4))
+
+
+def test_k3_is_an_unbiased_nonnegative_kl_estimate():
+    p = torch.tensor([0.5, 0.3, 0.2])
+    q = torch.tensor([0.2, 0.2, 0.6])
+    k3 = grpo.k3_kl(p.log(), q.log())
+    assert (k3 >= 0).all()
+    # E_{x~p}[k3] = sum_x p (q/p - log(q/p) - 1) = KL(p || q) exactly
+    torch.testing.assert_close((p * k3).sum(), (p * (p / q).log()).sum())
+    assert float(grpo.k3_kl(torch.tensor(-1.0), torch.tensor(-1.0))) == 0.0
+
+
+def test_aggregations_by_hand():
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    # grpo: mean over rows of row token means = ((1+2)/2 + (4+5+6)/3) / 2 = (1.5 + 5) / 2
+    assert float(grpo.aggregate(loss, mask, "grpo")) == pytest.approx(3.25)
+    # dapo: all valid tokens together = (1+2+4+5+6) / 5
+    assert float(grpo.aggregate(loss, mask, "dapo")) == pytest.approx(3.6)
+    # dr_grpo: token sum / (B * L_max) = 18 / (2 * 4)
+    assert float(grpo.aggregate(loss, mask, "dr_grpo", max_len=4)) == pytest.approx(2.25)
+    with pytest.raises(ValueError, match="aggregation"):
+        grpo.aggregate(loss, mask, "mean")
+
+
+def test_on_policy_gradient_is_minus_advantage_times_grad_logp():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 5, requires_grad=True)
+    tokens = torch.randint(0, 5, (2, 3))
+    adv = torch.tensor([1.5, -0.5])
+    logp = torch.log_softmax(logits, -1).gather(2, tokens[..., None])[..., 0]
+    loss, stats = grpo.policy_loss(logp, adv)  # no old policy: ratio = 1, clip inactive
+    assert float(loss) == pytest.approx(-float(adv.mean()))  # value: -mean_i A_i * 1
+    loss.backward()
+    surrogate = (-adv[:, None] * torch.log_softmax(logits, -1).gather(2, tokens[..., None])[..., 0]).mean(1).mean()
+    expected = torch.autograd.grad(surrogate, logits)[0]
+    torch.testing.assert_close(logits.grad, expected)
+    assert stats["clip_frac"] == 0.0
+
+
+def test_clipping_by_hand():
+    """Positive advantage: a ratio above 1 + eps is clipped (zero gradient); below 1 - eps it is not (min picks
+    the unclipped term). Negative advantage mirrors it."""
+    logp = torch.tensor([[math.log(1.5), math.log(0.5)]], requires_grad=True)
+    old = torch.zeros(1, 2)  # ratios 1.5 and 0.5
+    loss, stats = grpo.policy_loss(logp, torch.tensor([2.0]), logp_old=old, clip_low=0.2, clip_high=0.2, agg="dapo")
+    # per token: -min(1.5*2, 1.2*2) = -2.4 ; -min(0.5*2, 0.8*2) = -1.0 ; token mean = -1.7
+    assert float(loss) == pytest.approx(-1.7)
+    loss.backward()
+    # d/dlogp of -(rho*A)/2 = -rho*A/2 on the unclipped token, 0 on the clipped one
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, -0.5 * 2.0 / 2]]))
+    assert stats["clip_frac"] == 1.0
+    logp = torch.tensor([[math.log(1.5), math.log(0.5)]], requires_grad=True)
+    loss, _ = grpo.policy_loss(logp, torch.tensor([-2.0]), logp_old=old, agg="dapo")
+    # -min(-3, -2.4) = 3 (unclipped) ; -min(-1, -1.6) = 1.6 (clipped, constant) -> mean 2.3
+    assert float(loss) == pytest.approx(2.3)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[1.5 * 2.0 / 2, 0.0]]))
+
+
+def test_kl_term_value_and_gradient():
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -1.0]])
+    loss, stats = grpo.policy_loss(logp, torch.zeros(1), logp_ref=ref, beta=0.5, agg="dapo")
+    d = ref - logp.detach()
+    kl = torch.exp(d) - d - 1
+    assert float(loss) == pytest.approx(float(0.5 * kl.mean()))
+    assert stats["kl"] == pytest.approx(float(kl.mean()))
+    loss.backward()
+    torch.testing.assert_close(logp.grad, 0.5 * (1 - torch.exp(d)) / 2)  # d k3 / d l = 1 - exp(d)
+
+
+def test_masked_tokens_get_no_gradient():
+    logp = torch.randn(2, 4, requires_grad=True)
+    mask = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    for agg in grpo.AGGREGATIONS:
+        logp.grad = None
+        loss, _ = grpo.policy_loss(logp, torch.tensor([1.0, -1.0]), mask, logp_ref=logp.detach() - 0.1, beta=0.2,
+                                   agg=agg, max_len=4)
+        loss.backward()
+        assert (logp.grad[~mask] == 0).all() and (logp.grad[mask] != 0).all(), agg
