@@ -175,19 +175,20 @@ def janus_generate(model, processor, prompts, n_per_prompt=1, cfg_weight=5.0, te
     return out
 
 
-def janus_image_logprobs(model, processor, prompts, tokens, cfg_weight=5.0, temperature=1.0, mode="cond"):
-    """Teacher-forced log pi(x_t | prompt, x_<t) of given image codes, in one forward (with grad if enabled).
+def janus_image_logits(model, processor, prompts, tokens, cfg_weight=5.0, mode="cond", uncond=None):
+    """Teacher-forced next-code logits [B, T, K] for given image codes tokens [B, T], in one forward.
 
-    The training-side twin of janus_generate: same prompt rows, left padding and positions, so the "cfg" mode
-    reproduces the sampler's log-probs. prompts: one string per row of tokens [B, T].
-    mode "cond": conditional row only, log_softmax(c_t / temperature) (one row per image; off-policy w.r.t. CFG);
-    mode "cfg":  both rows, log_softmax((u_t + w (c_t - u_t)) / temperature), exactly the sampling policy.
-    Returns [B, T] float32.
+    The training-side twin of janus_generate: same prompt rows, left padding and positions, so the logits equal
+    the ones the sampler saw. prompts: one string per row. mode "cond": the conditional row alone (one row per
+    image); "cfg": both rows, guided u + w (c - u). uncond [B] bool (cond mode): rows that see the unconditional
+    prompt instead (classifier-free-guidance dropout in SFT).
     """
     if mode not in ("cond", "cfg"):
         raise ValueError(f"mode must be 'cond' or 'cfg', not {mode!r}")
     device, pad_id = tokens.device, processor.ids["pad"]
     cond = [processor.t2i_prompt_ids(p) for p in prompts]
+    if uncond is not None:
+        cond = [unconditional_ids(s, pad_id) if drop else s for s, drop in zip(cond, uncond.tolist())]
     rows = cond + ([unconditional_ids(s, pad_id) for s in cond] if mode == "cfg" else [])
     ids, valid = left_pad(rows, pad_id)
     ids, valid = ids.to(device), valid.to(device)
@@ -200,8 +201,17 @@ def janus_image_logprobs(model, processor, prompts, tokens, cfg_weight=5.0, temp
     bias = None if bool(valid.all()) else attention_bias(key_valid, torch.arange(L + T - 1, device=device),
                                                          embeds.dtype)
     logits = model.image_logits(model(embeds, positions, bias)[:, L - 1:])  # [R, T, K]
-    if mode == "cfg":
-        logits = logits[B:] + cfg_weight * (logits[:B] - logits[B:])
+    return logits[B:] + cfg_weight * (logits[:B] - logits[B:]) if mode == "cfg" else logits
+
+
+def janus_image_logprobs(model, processor, prompts, tokens, cfg_weight=5.0, temperature=1.0, mode="cond",
+                         uncond=None):
+    """log pi(x_t | prompt, x_<t) [B, T] (float32) of given codes: log_softmax(logits / temperature) at x_t.
+
+    mode "cfg" reproduces the sampler's log-probs exactly; "cond" is the cheaper conditional-only estimator
+    (one row per image, off-policy with respect to a CFG sampler).
+    """
+    logits = janus_image_logits(model, processor, prompts, tokens, cfg_weight, mode, uncond)
     return torch.log_softmax(logits.float() / temperature, -1).gather(2, tokens[..., None])[..., 0]
 
 

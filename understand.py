@@ -14,6 +14,7 @@ import os
 
 import torch
 
+import reward
 from model import KVCache, attention_bias, janus_inputs_embeds, load_janus
 
 
@@ -112,6 +113,20 @@ def janus_answer_logprobs(model, processor, pixels, questions, answers, detach_i
     for i, t in enumerate(targets):
         mask[i, M - len(t):] = True  # rows are right-aligned, so each answer ends at the last column
     return logp.gather(2, ids[..., None])[..., 0] * mask, mask
+
+
+def self_check(model, processor, images, tasks, max_new_tokens=100, normalize=False):
+    """UniRL's judge: the model answers each task's question about its own image, the answer is scored slot by slot.
+
+    images: uint8 [B, S, S, 3] (or PIL); tasks: B task dicts (reward.py format). Greedy answers, as the official
+    evaluation. Returns dict(answers, rewards [B] float (matched slots, or their fraction if normalize),
+    correct [B] bool).
+    """
+    answers = janus_answer(model, processor, images, [t["question"] for t in tasks], max_new_tokens)["answers"]
+    matched = [reward.slots(a, t) for a, t in zip(answers, tasks)]
+    rewards = torch.tensor([m / n if normalize else float(m) for m, n in matched])
+    correct = torch.tensor([m == n for m, n in matched])
+    return dict(answers=answers, rewards=rewards, correct=correct)
 
 
 def main():

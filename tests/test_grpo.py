@@ -50,7 +50,7 @@ def test_on_policy_gradient_is_minus_advantage_times_grad_logp():
     adv = torch.tensor([1.5, -0.5])
     logp = torch.log_softmax(logits, -1).gather(2, tokens[..., None])[..., 0]
     loss, stats = grpo.policy_loss(logp, adv)  # no old policy: ratio = 1, clip inactive
-    assert float(loss) == pytest.approx(-float(adv.mean()))  # value: -mean_i A_i * 1
+    assert loss.item() == pytest.approx(-float(adv.mean()))  # value: -mean_i A_i * 1
     loss.backward()
     surrogate = (-adv[:, None] * torch.log_softmax(logits, -1).gather(2, tokens[..., None])[..., 0]).mean(1).mean()
     expected = torch.autograd.grad(surrogate, logits)[0]

@@ -1,0 +1,129 @@
+"""
+SFT on self-generated data: the model draws, judges its own drawings, and learns from what it judged correct.
+
+    L_T2I = -(1/N) sum_t log p(x_t | prompt, x_<t)           Janus: next-code NLL of the N image codes
+    L_MMU = -(1/M) sum_t log p(a*_t | image, q, a*_<t)        answer-token cross-entropy (reference answer + EOS)
+    L     = lambda_t2i L_T2I + lambda_mmu L_MMU
+
+Non-end-to-end (default): images are discrete samples, no gradient crosses from understanding into generation.
+T2I trains on the images whose self-check answer matched every slot; MMU trains on (image, question, reference
+answer) for all images, or only the verified ones (mmu_filter="verified").
+
+End-to-end: a straight-through Gumbel-softmax over the image-code logits z lets L_MMU reach generation:
+    y_soft = softmax((z + g) / tau),  y = onehot(x) + y_soft - stopgrad(y_soft)
+Janus understands pixels, so y goes through the VQ decoder and SigLIP: pixels = Dec(y @ normalize(E)), clamped to
+[-1, 1] (our choice of route; the paper's is unpublished). Cost: one VQ decode + ViT forward/backward per image on
+top of the MMU pass, and the generation replay forward. It runs as a two-phase backward (spec/method.md 5.3) so
+no graph is held across both models: (1) MMU backward to the one-hot leaf gives G = dL/dy, (2) the generation
+replay backward of sum <G, y_soft>, which is exactly the straight-through gradient.
+"""
+import torch
+import torch.nn.functional as F
+
+from generate import janus_generate, janus_image_logits, janus_image_logprobs
+from understand import janus_answer_logprobs, self_check
+
+
+def janus_t2i_loss(model, processor, prompts, tokens, cond_dropout=0.0, generator=None):
+    """Next-code NLL of the images, conditional branch; with prob cond_dropout a row sees the unconditional prompt
+    so that the model keeps its classifier-free-guidance ability (our choice, method.md marks it [SPEC])."""
+    uncond = None
+    if cond_dropout > 0:
+        uncond = torch.rand(len(prompts), generator=generator) < cond_dropout
+    return -janus_image_logprobs(model, processor, prompts, tokens, mode="cond", uncond=uncond).mean()
+
+
+def mmu_loss(logprobs, mask):
+    """Mean over answers of the per-answer token-mean NLL (each answer counts once, whatever its length)."""
+    return -((logprobs * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+
+
+def janus_pixels(processor, images):
+    """uint8 [B, S, S, 3] -> the understanding encoder's input [B, 3, S', S'] (the official preprocessing)."""
+    from PIL import Image
+    return torch.stack([processor.preprocess(Image.fromarray(im.cpu().numpy())) for im in images])
+
+
+@torch.no_grad()
+def janus_rollout(model, processor, tasks, images_per_prompt, cfg_weight=5.0, temperature=1.0, generator=None):
+    """Sample images for every task and let the model judge them. Returns a flat batch of B = tasks x images."""
+    out = janus_generate(model, processor, [t["prompt"] for t in tasks], images_per_prompt, cfg_weight, temperature,
+                         generator=generator, return_logprobs=True)
+    flat = [t for t in tasks for _ in range(images_per_prompt)]
+    check = self_check(model, processor, out["images"], flat)
+    return dict(tasks=flat, tokens=out["tokens"], images=out["images"], sample_logprobs=out["logprobs"], **check)
+
+
+def janus_sft_loss(model, processor, batch, lambda_t2i=1.0, lambda_mmu=1.0, mmu_filter="all", cond_dropout=0.0,
+                   generator=None):
+    """Non-end-to-end SFT loss on a rollout batch. Returns (loss, stats); loss is 0 with no grad if nothing kept."""
+    keep_t2i = batch["correct"]
+    keep_mmu = batch["correct"] if mmu_filter == "verified" else torch.ones_like(keep_t2i)
+    device = model.gen_embed.weight.device
+    loss, stats = torch.zeros((), device=device), dict(kept=int(keep_t2i.sum()), n=len(keep_t2i))
+    if keep_t2i.any():
+        idx = keep_t2i.nonzero()[:, 0].tolist()
+        l_t2i = janus_t2i_loss(model, processor, [batch["tasks"][i]["prompt"] for i in idx],
+                               batch["tokens"][idx].to(device), cond_dropout, generator)
+        loss = loss + lambda_t2i * l_t2i
+        stats["loss_t2i"] = float(l_t2i)
+    if keep_mmu.any():
+        idx = keep_mmu.nonzero()[:, 0].tolist()
+        pixels = janus_pixels(processor, batch["images"][idx]).to(device)
+        lp, mask = janus_answer_logprobs(model, processor, pixels, [batch["tasks"][i]["question"] for i in idx],
+                                         [batch["tasks"][i]["answer"] for i in idx])
+        l_mmu = mmu_loss(lp, mask)
+        loss = loss + lambda_mmu * l_mmu
+        stats["loss_mmu"] = float(l_mmu)
+    return loss, stats
+
+
+# -----------------------------------------------------------------------------------------------------------
+# End-to-end: straight-through Gumbel-softmax through the VQ decoder and SigLIP (Janus)
+
+
+def gumbel_noise(shape, generator=None, device=None):
+    u = torch.rand(shape, generator=generator, device=device).clamp(1e-10, 1 - 1e-10)
+    return -torch.log(-torch.log(u))
+
+
+def straight_through(logits, tokens, tau=1.0, noise=None):
+    """One-hot(tokens) in value, d softmax((z + g) / tau) in gradient. logits [..., K], tokens [...]."""
+    y_soft = torch.softmax((logits.float() + (0 if noise is None else noise)) / tau, dim=-1)
+    y_hard = F.one_hot(tokens, logits.shape[-1]).to(y_soft.dtype)
+    return y_hard + (y_soft - y_soft.detach())  # exactly one-hot in value: the bracket is exactly zero
+
+
+def janus_pixels_from_onehot(model, y):
+    """y [B, T, K] (one-hot rows, possibly straight-through) -> understanding pixels [B, 3, S, S] in [-1, 1].
+
+    Differentiable stand-in for decode -> uint8 -> preprocess: no truncation, no PIL round trip. When the
+    generation and understanding sizes differ (tiny configs only) the picture is resized bicubically."""
+    vq, cfg = model.gen_vision_model, model.cfg
+    B, T, _ = y.shape
+    g = cfg.gen_grid
+    z = (y.to(vq.quantize.embedding.weight.dtype) @ vq.quantize.codebook()).view(B, g, g, -1).permute(0, 3, 1, 2)
+    pixels = vq.decoder(vq.post_quant_conv(z)).clamp(-1, 1)
+    if pixels.shape[-1] != cfg.vit_image_size:
+        pixels = F.interpolate(pixels, size=(cfg.vit_image_size,) * 2, mode="bicubic", align_corners=False)
+    return pixels
+
+
+def janus_end_to_end_backward(model, processor, prompts, tokens, questions, answers, tau=1.0, noise=None,
+                              lambda_mmu=1.0):
+    """Two-phase backward of L_MMU through straight-through image codes. Accumulates .grad; returns the loss.
+
+    Phase 1: y = onehot(x) as a leaf; MMU forward/backward gives the MMU parameter grads and G = dL/dy.
+    Phase 2: replay the generation logits z with grad; backward of sum <G, softmax((z + g)/tau)>.
+    Equal to autograd through y = onehot + y_soft - sg(y_soft) in one graph (tests/test_sft.py checks it).
+    """
+    K = model.cfg.gen_vocab_size
+    y_hard = F.one_hot(tokens, K).float().requires_grad_(True)
+    lp, mask = janus_answer_logprobs(model, processor, janus_pixels_from_onehot(model, y_hard), questions, answers,
+                                     detach_image=False)
+    loss = lambda_mmu * mmu_loss(lp, mask)
+    loss.backward()
+    logits = janus_image_logits(model, processor, prompts, tokens, mode="cond")
+    y_soft = torch.softmax((logits.float() + (0 if noise is None else noise)) / tau, dim=-1)
+    (y_hard.grad * y_soft).sum().backward()
+    return loss.detach()

@@ -1,0 +1,107 @@
+"""SFT losses: straight-through Gumbel-softmax, the two-phase end-to-end backward against one autograd graph,
+the T2I and MMU losses by hand, and the non-end-to-end recipe's filtering."""
+import glob
+import os
+
+import pytest
+import torch
+
+import generate
+import model
+import sft
+import understand
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.environ.get("UNIRL_FIXTURES", os.path.join(ROOT, "..", "shared", "fixtures"))
+JANUS_DIRS = sorted(d for d in glob.glob(os.path.join(FIXTURES, "janus*")) if os.path.isdir(d))
+need_fixture = pytest.mark.skipif(not JANUS_DIRS, reason=f"no janus* fixture under {FIXTURES}")
+
+
+def perturbed_janus():
+    """The fixture model with every parameter nudged, so that no test passes by symmetry."""
+    m, p = model.load_janus(JANUS_DIRS[0])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for prm in m.parameters():
+            prm.add_(0.01 * torch.randn(prm.shape, generator=g))
+    return m, p
+
+
+def test_straight_through_value_and_gradient():
+    torch.manual_seed(0)
+    z = torch.randn(3, 6, requires_grad=True)
+    x = torch.tensor([1, 4, 0])
+    g = sft.gumbel_noise((3, 6))
+    y = sft.straight_through(z, x, tau=0.7, noise=g)
+    assert torch.equal(y.detach(), torch.nn.functional.one_hot(x, 6).float())
+    w = torch.randn(3, 6)
+    (y * w).sum().backward()
+    z2 = z.detach().clone().requires_grad_(True)
+    (torch.softmax((z2 + g) / 0.7, -1) * w).sum().backward()
+    torch.testing.assert_close(z.grad, z2.grad)
+
+
+def test_mmu_loss_by_hand():
+    lp = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -0.5, -2.0]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    assert float(sft.mmu_loss(lp, mask)) == pytest.approx((1.5 + 1.0) / 2)
+
+
+@need_fixture
+def test_two_phase_end_to_end_gradient_equals_one_graph():
+    m, p = perturbed_janus()
+    m.train()
+    prompts = ["a red cube", "two blue balls"]
+    tokens = generate.janus_generate(m, p, prompts, 1, greedy=True, decode=False)["tokens"]
+    questions, answers = ["What is this?", "How many items in this image?"], ["a red cube", "two balls"]
+    noise = sft.gumbel_noise((2, tokens.shape[1], m.cfg.gen_vocab_size), torch.Generator().manual_seed(1))
+
+    logits = generate.janus_image_logits(m, p, prompts, tokens, mode="cond")
+    y = sft.straight_through(logits, tokens, tau=0.5, noise=noise)
+    lp, mask = understand.janus_answer_logprobs(m, p, sft.janus_pixels_from_onehot(m, y), questions, answers,
+                                                detach_image=False)
+    one_graph_loss = sft.mmu_loss(lp, mask)
+    one_graph_loss.backward()
+    reference = {n: prm.grad.clone() for n, prm in m.named_parameters() if prm.grad is not None}
+    m.zero_grad(set_to_none=True)
+
+    loss = sft.janus_end_to_end_backward(m, p, prompts, tokens, questions, answers, tau=0.5, noise=noise)
+    assert float(loss) == pytest.approx(one_graph_loss.item(), abs=1e-6)
+    got = {n: prm.grad for n, prm in m.named_parameters() if prm.grad is not None}
+    assert got.keys() == reference.keys()
+    # the generation side really receives the understanding gradient
+    assert reference["gen_head.vision_head.weight"].abs().sum() > 0
+    for n in reference:
+        torch.testing.assert_close(got[n], reference[n], atol=1e-6, rtol=1e-4, msg=n)
+
+
+@need_fixture
+def test_t2i_loss_is_the_code_nll_and_dropout_uses_the_unconditional_prompt():
+    m, p = perturbed_janus()
+    tokens = generate.janus_generate(m, p, ["a cat"], 2, greedy=True, decode=False)["tokens"]
+    with torch.no_grad():
+        cond = generate.janus_image_logprobs(m, p, ["a cat"] * 2, tokens, mode="cond")
+        cfg0 = generate.janus_image_logprobs(m, p, ["a cat"] * 2, tokens, cfg_weight=0.0, mode="cfg")  # = uncond
+        assert float(sft.janus_t2i_loss(m, p, ["a cat"] * 2, tokens)) == pytest.approx(float(-cond.mean()))
+        dropped = sft.janus_t2i_loss(m, p, ["a cat"] * 2, tokens, cond_dropout=1.0)
+    assert float(dropped) == pytest.approx(float(-cfg0.mean()), abs=1e-5)
+
+
+@need_fixture
+def test_sft_loss_trains_t2i_only_on_verified_images():
+    m, p = perturbed_janus()
+    tasks = [dict(prompt="a photo of a cat", question="What is the main item in this image?", answer="cat",
+                  tag="single_object", include=[{"class": "cat", "count": 1}])]
+    batch = sft.janus_rollout(m, p, tasks, 2, generator=torch.Generator().manual_seed(0))
+    assert batch["tokens"].shape[0] == 2 and len(batch["answers"]) == 2
+    batch["correct"] = torch.tensor([True, False])
+    loss, stats = sft.janus_sft_loss(m, p, batch, mmu_filter="verified")
+    assert stats["kept"] == 1 and "loss_t2i" in stats and "loss_mmu" in stats
+    batch["correct"] = torch.tensor([False, False])
+    loss, stats = sft.janus_sft_loss(m, p, batch, mmu_filter="verified")
+    assert float(loss) == 0.0 and "loss_t2i" not in stats and "loss_mmu" not in stats
+    loss, stats = sft.janus_sft_loss(m, p, batch, mmu_filter="all")
+    assert "loss_t2i" not in stats and stats["loss_mmu"] > 0
+    loss.backward()
+    assert m.gen_head.vision_head.weight.grad is None  # MMU alone never touches generation
+    assert m.language_model.lm_head.weight.grad.abs().sum() > 0
