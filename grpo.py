@@ -15,6 +15,9 @@ forms; UniRL's exact ones are unpublished (method.md marks them [SPEC]).
 """
 import torch
 
+from generate import janus_image_logprobs
+from understand import janus_answer_logprobs, janus_pixels
+
 AGGREGATIONS = ("grpo", "dapo", "dr_grpo")
 
 
@@ -69,4 +72,50 @@ def policy_loss(logp, advantages, mask=None, logp_old=None, logp_ref=None, beta=
                                  / m.sum().clamp(min=1)))
     if kl is not None:
         stats["kl"] = float((kl.detach() * m).sum() / m.sum().clamp(min=1))
+    return loss, stats
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The GRPO step for Janus: rollout (sft.janus_rollout) -> advantages -> image and answer policy losses
+
+
+def janus_grpo_loss(model, processor, batch, group_size, ref_model=None, beta=0.0, cfg_weight=5.0, temperature=1.0,
+                    logp_mode="cond", optimize="both", agg="grpo", adv_std=True, w_img=1.0, w_ans=1.0):
+    """GRPO loss of a rollout batch (images grouped by prompt, group_size each). Returns (loss, stats).
+
+    logp_mode: "cond" (default: conditional row, one row per image; the CFG sampler makes it slightly off-policy)
+    or "cfg" (both rows with grad: exactly the sampling policy, twice the compute).
+    optimize: "t2i" | "mmu" | "both". Answer tokens get their image's advantage; answers are decoded greedily, so
+    that term is advantage-weighted self-training of the answer rather than an on-policy gradient.
+    """
+    device = model.gen_embed.weight.device
+    rewards = batch["rewards"].to(device)
+    adv = group_advantages(rewards.view(-1, group_size), adv_std).view(-1)
+    prompts = [t["prompt"] for t in batch["tasks"]]
+    tokens = batch["tokens"].to(device)
+    use_ref = ref_model is not None and beta > 0
+    loss = torch.zeros((), device=device)
+    stats = dict(reward=float(rewards.mean()), reward_std=float(rewards.std()) if len(rewards) > 1 else 0.0,
+                 flat_groups=float((rewards.view(-1, group_size).std(1) == 0).float().mean()),
+                 adv_abs=float(adv.abs().mean()))
+    if optimize in ("t2i", "both"):
+        lp = janus_image_logprobs(model, processor, prompts, tokens, cfg_weight, temperature, logp_mode)
+        ref = None
+        if use_ref:
+            with torch.no_grad():
+                ref = janus_image_logprobs(ref_model, processor, prompts, tokens, cfg_weight, temperature, logp_mode)
+        l_img, s = policy_loss(lp, adv, logp_ref=ref, beta=beta, agg=agg, max_len=tokens.shape[1])
+        loss = loss + w_img * l_img
+        stats.update({f"img_{k}": v for k, v in s.items()}, loss_img=l_img.item())
+    if optimize in ("mmu", "both"):
+        pixels = janus_pixels(processor, batch["images"]).to(device)
+        questions = [t["question"] for t in batch["tasks"]]
+        lp, mask = janus_answer_logprobs(model, processor, pixels, questions, batch["answer_ids"])
+        ref = None
+        if use_ref:
+            with torch.no_grad():
+                ref, _ = janus_answer_logprobs(ref_model, processor, pixels, questions, batch["answer_ids"])
+        l_ans, s = policy_loss(lp, adv, mask, logp_ref=ref, beta=beta, agg=agg, max_len=mask.shape[1])
+        loss = loss + w_ans * l_ans
+        stats.update({f"ans_{k}": v for k, v in s.items()}, loss_ans=l_ans.item())
     return loss, stats

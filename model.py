@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 # -----------------------------------------------------------------------------------------------------------
 # Checkpoint reading and strict loading (shared by both model families)
@@ -397,6 +398,7 @@ class LlamaDecoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.checkpointing = False  # activation checkpointing per block (train.py --activation-checkpointing)
 
     def forward(self, inputs_embeds, positions, bias=None, cache=None, slots=None):
         """inputs_embeds [B, L, H]; positions [B, L] (RoPE); bias from attention_bias() or None = causal;
@@ -404,6 +406,9 @@ class LlamaDecoder(nn.Module):
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, inputs_embeds.dtype)
         h = inputs_embeds
         for i, layer in enumerate(self.layers):
+            if self.checkpointing and self.training and cache is None:  # recompute activations in backward
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, bias, use_reentrant=False)
+                continue
             kv = None if cache is None else (cache.k[i], cache.v[i])
             h = layer(h, cos, sin, bias, kv, slots)
         return self.norm(h)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from generate import janus_generate, janus_image_logits, janus_image_logprobs
-from understand import janus_answer_logprobs, self_check
+from understand import janus_answer_logprobs, janus_pixels, self_check
 
 
 def janus_t2i_loss(model, processor, prompts, tokens, cond_dropout=0.0, generator=None):
@@ -38,19 +38,14 @@ def mmu_loss(logprobs, mask):
     return -((logprobs * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
 
 
-def janus_pixels(processor, images):
-    """uint8 [B, S, S, 3] -> the understanding encoder's input [B, 3, S', S'] (the official preprocessing)."""
-    from PIL import Image
-    return torch.stack([processor.preprocess(Image.fromarray(im.cpu().numpy())) for im in images])
-
-
 @torch.no_grad()
-def janus_rollout(model, processor, tasks, images_per_prompt, cfg_weight=5.0, temperature=1.0, generator=None):
+def janus_rollout(model, processor, tasks, images_per_prompt, cfg_weight=5.0, temperature=1.0, generator=None,
+                  max_answer_tokens=100, normalize=False):
     """Sample images for every task and let the model judge them. Returns a flat batch of B = tasks x images."""
     out = janus_generate(model, processor, [t["prompt"] for t in tasks], images_per_prompt, cfg_weight, temperature,
                          generator=generator, return_logprobs=True)
     flat = [t for t in tasks for _ in range(images_per_prompt)]
-    check = self_check(model, processor, out["images"], flat)
+    check = self_check(model, processor, out["images"], flat, max_answer_tokens, normalize)
     return dict(tasks=flat, tokens=out["tokens"], images=out["images"], sample_logprobs=out["logprobs"], **check)
 
 
@@ -66,7 +61,7 @@ def janus_sft_loss(model, processor, batch, lambda_t2i=1.0, lambda_mmu=1.0, mmu_
         l_t2i = janus_t2i_loss(model, processor, [batch["tasks"][i]["prompt"] for i in idx],
                                batch["tokens"][idx].to(device), cond_dropout, generator)
         loss = loss + lambda_t2i * l_t2i
-        stats["loss_t2i"] = float(l_t2i)
+        stats["loss_t2i"] = l_t2i.item()
     if keep_mmu.any():
         idx = keep_mmu.nonzero()[:, 0].tolist()
         pixels = janus_pixels(processor, batch["images"][idx]).to(device)
@@ -74,7 +69,7 @@ def janus_sft_loss(model, processor, batch, lambda_t2i=1.0, lambda_mmu=1.0, mmu_
                                          [batch["tasks"][i]["answer"] for i in idx])
         l_mmu = mmu_loss(lp, mask)
         loss = loss + lambda_mmu * l_mmu
-        stats["loss_mmu"] = float(l_mmu)
+        stats["loss_mmu"] = l_mmu.item()
     return loss, stats
 
 

@@ -86,16 +86,24 @@ def janus_answer(model, processor, images, questions, max_new_tokens=100, temper
     return out
 
 
+def janus_pixels(processor, images):
+    """uint8 [B, S, S, 3] -> the understanding encoder's input [B, 3, S', S'] (the official preprocessing)."""
+    from PIL import Image
+    return torch.stack([processor.preprocess(Image.fromarray(im.cpu().numpy())) for im in images])
+
+
 def janus_answer_logprobs(model, processor, pixels, questions, answers, detach_image=True):
     """Teacher-forced log p(a_t | image, q, a_<t) over the answer tokens and the closing EOS.
 
-    pixels [B, 3, S, S] (preprocessed; may carry grad for end-to-end training). The prompt (ending in
-    "<|Assistant|>:") and " " + answer are tokenised separately, then joined: the same token boundary that
-    generation produces. Returns (logprobs [B, M], mask [B, M]) with M the longest answer + 1.
+    pixels [B, 3, S, S] (preprocessed; may carry grad for end-to-end training). answers: strings, tokenised as
+    " " + answer separately from the prompt (which ends in "<|Assistant|>:") and joined - the token boundary that
+    generation produces - or id lists as decoded (the model's own answers, EOS included when it was reached).
+    Returns (logprobs [B, M], mask [B, M]) with M the longest target.
     """
     eos = processor.ids["eos"]
     prompts = [processor.expand_images(processor.encode(processor.question_text(q))) for q in questions]
-    targets = [processor.tokenizer.encode(" " + a.strip(), add_special_tokens=False).ids + [eos] for a in answers]
+    targets = [list(a) if not isinstance(a, str) else
+               processor.tokenizer.encode(" " + a.strip(), add_special_tokens=False).ids + [eos] for a in answers]
     batch = processor.batch_from_ids([p + t for p, t in zip(prompts, targets)], [px[None] for px in pixels])
     device = model.gen_embed.weight.device
     batch = {k: v.to(device) for k, v in batch.items()}
@@ -119,14 +127,16 @@ def self_check(model, processor, images, tasks, max_new_tokens=100, normalize=Fa
     """UniRL's judge: the model answers each task's question about its own image, the answer is scored slot by slot.
 
     images: uint8 [B, S, S, 3] (or PIL); tasks: B task dicts (reward.py format). Greedy answers, as the official
-    evaluation. Returns dict(answers, rewards [B] float (matched slots, or their fraction if normalize),
-    correct [B] bool).
+    evaluation. Returns dict(answers, answer_ids (decoded ids up to and including EOS), rewards [B] float
+    (matched slots, or their fraction if normalize), correct [B] bool).
     """
-    answers = janus_answer(model, processor, images, [t["question"] for t in tasks], max_new_tokens)["answers"]
-    matched = [reward.slots(a, t) for a, t in zip(answers, tasks)]
+    out = janus_answer(model, processor, images, [t["question"] for t in tasks], max_new_tokens)
+    eos = processor.ids["eos"]
+    answer_ids = [row[:row.index(eos) + 1] if eos in row else row for row in out["ids"].tolist()]
+    matched = [reward.slots(a, t) for a, t in zip(out["answers"], tasks)]
     rewards = torch.tensor([m / n if normalize else float(m) for m, n in matched])
     correct = torch.tensor([m == n for m, n in matched])
-    return dict(answers=answers, rewards=rewards, correct=correct)
+    return dict(answers=out["answers"], answer_ids=answer_ids, rewards=rewards, correct=correct)
 
 
 def main():

@@ -1,0 +1,355 @@
+"""
+UniRL post-training: the model draws images for constructed prompts, answers questions about its own images, and
+learns from its own answers - by SFT on what it judged correct, or by GRPO over the images of each prompt.
+
+    per rank, per step:  tasks -> images (no grad) -> self-check answers -> rewards -> loss -> all-reduce -> AdamW
+
+One hand-written loop. Each rank owns whole prompt groups, so advantages never cross ranks. Rollouts are seeded
+per task (seed, global task index), which makes a run independent of how it is split over ranks and makes resume
+exact without saving any sampler state.
+
+Launch:
+    python train.py --algo grpo --model /ckpt/Janus-Pro-1B                                  # one GPU (or CPU)
+    torchrun --standalone --nproc_per_node=8 train.py --algo grpo --model /ckpt/Janus-Pro-1B  # 8 GPUs, DDP
+    torchrun --nnodes=2 --node_rank=$R --master_addr=$IP --master_port=29500 --nproc_per_node=8 \\
+        train.py --algo grpo --model /ckpt/Janus-Pro-7B --fsdp                               # 16 GPUs, FSDP2
+Checkpoints go to OUT/step_XXXXXXX/ (model.safetensors loadable by model.py, plus the optimizer and RNG state);
+`--resume` continues from the newest one exactly. One jsonl line per step goes to OUT/log.jsonl.
+"""
+import argparse
+import copy
+import glob
+import json
+import math
+import os
+import shutil
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+import grpo
+import reward
+import sft
+from model import load_janus
+from understand import self_check
+
+GENEVAL_METADATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "geneval",
+                                "evaluation_metadata.jsonl")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--algo", choices=["sft", "grpo"], default="grpo")
+    ap.add_argument("--model", required=True, help="checkpoint folder (Janus / Janus-Pro)")
+    ap.add_argument("--out", default="runs/unirl", help="checkpoints and log.jsonl")
+    # data
+    ap.add_argument("--tasks", type=int, default=5000, help="size of the constructed training set")
+    ap.add_argument("--exclude", default=GENEVAL_METADATA,
+                    help="GenEval metadata whose prompts never become training prompts ('' = no dedup)")
+    ap.add_argument("--prompts-per-rank", type=int, default=1, help="prompt groups per rank per micro-step")
+    ap.add_argument("--group-size", type=int, default=8, help="images per prompt (UniRL: 8 Janus, 3 Show-o)")
+    # optimisation
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--grad-clip", type=float, default=1.0)
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--activation-checkpointing", action="store_true")
+    ap.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard per block); for Janus-Pro-7B")
+    # sampling
+    ap.add_argument("--cfg", type=float, default=5.0)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--max-answer-tokens", type=int, default=100)
+    # GRPO
+    ap.add_argument("--beta", type=float, default=0.2, help="k3 KL coefficient (0 skips the reference model)")
+    ap.add_argument("--logp", choices=["cond", "cfg"], default="cond", help="image log-prob estimator")
+    ap.add_argument("--optimize", choices=["t2i", "mmu", "both"], default="both")
+    ap.add_argument("--agg", choices=grpo.AGGREGATIONS, default="grpo")
+    ap.add_argument("--no-adv-std", action="store_true", help="Dr. GRPO advantages r - mean")
+    ap.add_argument("--reward-normalize", action="store_true", help="reward = matched slots / slots")
+    # SFT
+    ap.add_argument("--sft-mmu-filter", choices=["all", "verified"], default="all")
+    ap.add_argument("--cond-dropout", type=float, default=0.1)
+    ap.add_argument("--end-to-end", action="store_true", help="straight-through Gumbel SFT through the VQ decoder")
+    # bookkeeping
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save-every", type=int, default=100)
+    ap.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    ap.add_argument("--eval-every", type=int, default=0, help="self-check eval hook every N steps (0 = off)")
+    ap.add_argument("--eval-tasks", type=int, default=48)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--stop-after", type=int, default=0, help="end this process after N steps (for testing resume)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return ap.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# distribution
+
+
+def setup_distributed(device):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device)
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+        return rank, world, torch.device("cuda", local)
+    dist.init_process_group("gloo")
+    return rank, world, torch.device("cpu")
+
+
+def gather_means(stats, tags, rewards):
+    """Logging: loss terms averaged over ranks (a rank may lack a term, e.g. no verified image), and the reward
+    mean/std overall and per tag over every image of the step."""
+    local = dict(stats=stats, tags=tags, rewards=rewards)
+    parts = [local]
+    if dist.is_initialized():
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, local)
+    out = {}
+    for key in sorted({k for p in parts for k in p["stats"]}):
+        vals = [p["stats"][key] for p in parts if key in p["stats"]]
+        out[key] = sum(vals) / len(vals)
+    rewards = torch.tensor([r for p in parts for r in p["rewards"]])
+    tags = [t for p in parts for t in p["tags"]]
+    out["reward"], out["reward_std"] = float(rewards.mean()), float(rewards.std()) if len(rewards) > 1 else 0.0
+    for tag in sorted(set(tags)):
+        out[f"reward_{tag}"] = float(rewards[[i for i, t in enumerate(tags) if t == tag]].mean())
+    return out
+
+
+class Objective(nn.Module):
+    """The loss as a module, so that DDP / FSDP see one forward per step (their hooks live on forward)."""
+
+    def __init__(self, model, processor, args, ref_model=None):
+        super().__init__()
+        self.model, self.processor, self.args = model, processor, args
+        self.frozen = (ref_model,)  # a tuple, so the reference is no submodule: never sharded, saved or all-gathered
+
+    def forward(self, batch):
+        a = self.args
+        if a.algo == "grpo":
+            loss, stats = grpo.janus_grpo_loss(self.model, self.processor, batch, a.group_size, self.frozen[0],
+                                               a.beta, a.cfg, a.temperature, a.logp, a.optimize, a.agg,
+                                               not a.no_adv_std)
+        else:
+            loss, stats = sft.janus_sft_loss(self.model, self.processor, batch, mmu_filter=a.sft_mmu_filter,
+                                             cond_dropout=a.cond_dropout, generator=batch["generator"])
+        # every trainable parameter joins the graph (with weight 0): each rank then reduces the same gradients even
+        # when its batch had, say, no verified image, and backward never meets a loss without a graph
+        anchor = sum(p.reshape(-1)[0] for p in self.model.parameters() if p.requires_grad)
+        return loss + 0.0 * anchor, stats
+
+
+def lr_at(step, args):
+    """Linear warmup, then cosine from lr to lr * min_lr_ratio over the remaining steps."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def set_trainable(model, args):
+    """Train the LLM and the generation embedding/heads; keep the VQ tokenizer, SigLIP and the aligner frozen
+    (method.md section 8 defaults; understanding features are detached in GRPO anyway)."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(not name.startswith(("gen_vision_model.", "vision_model.", "aligner.")))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def task_generator(args, step, slot):
+    """The RNG of one prompt group: a function of (seed, step, slot) only, never of the rank layout."""
+    return torch.Generator().manual_seed(args.seed * 1_000_003 + step * 10_007 + slot)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# checkpoints: atomic (write to a temp folder, then rename), the newest `keep` kept
+
+
+def save_checkpoint(args, step, module, optimizer, rank, src_dir):
+    """module: the model, or under FSDP the sharded Objective root (its keys carry a "model." prefix)."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict, StateDictOptions
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = {k.removeprefix("model."): v for k, v in get_model_state_dict(module, options=full).items()}
+    optim_sd = get_optimizer_state_dict(module, optimizer, options=full)
+    final = os.path.join(args.out, f"step_{step:07d}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        save_file({k: v.contiguous() for k, v in model_sd.items()}, os.path.join(tmp, "model.safetensors"))
+        torch.save(dict(optimizer=optim_sd, step=step, args=vars(args)), os.path.join(tmp, "train_state.pt"))
+        for f in glob.glob(os.path.join(src_dir, "*.json")):  # config + tokenizer: the folder loads like the base
+            if not f.endswith(".index.json"):
+                shutil.copy(f, tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(glob.glob(os.path.join(args.out, "step_*[0-9]")))[:-args.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return final
+
+
+def load_checkpoint(path, module, optimizer):
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict, StateDictOptions
+    full = StateDictOptions(full_state_dict=True)
+    sd = load_file(os.path.join(path, "model.safetensors"))
+    if module.__class__ is Objective:
+        sd = {"model." + k: v for k, v in sd.items()}
+    set_model_state_dict(module, sd, options=full)
+    state = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=False)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=full)
+    return state["step"]
+
+
+# -----------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def self_check_eval(model, processor, tasks, args, device):
+    """The eval hook: one image per held-out task, judged by the model itself; accuracy overall and per tag."""
+    correct = []
+    for i, task in enumerate(tasks):
+        batch = sft.janus_rollout(model, processor, [task], 1, args.cfg, args.temperature,
+                                  torch.Generator().manual_seed(i))
+        correct.append(bool(batch["correct"][0]))
+    per_tag = {}
+    for task, ok in zip(tasks, correct):
+        per_tag.setdefault(task["tag"], []).append(ok)
+    return dict(selfcheck=sum(correct) / len(correct), **{f"selfcheck_{t}": sum(v) / len(v) for t, v in per_tag.items()})
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup_distributed(args.device)
+    torch.manual_seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+
+    model, processor = load_janus(args.model, device=device, dtype=torch.float32)
+    n_trainable = set_trainable(model, args)
+    model.language_model.model.checkpointing = args.activation_checkpointing
+    ref_model = None
+    if args.algo == "grpo" and args.beta > 0:  # frozen copy of the initial weights
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        if device.type == "cuda":
+            ref_model.to(torch.bfloat16)
+    sampler_model = model  # DDP: the training module itself samples (optimizer updates are in place)
+    objective = Objective(model, processor, args, ref_model)
+    if args.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        sampler_model = copy.deepcopy(model).eval().requires_grad_(False)  # an inference replica: no per-token
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                                  reduce_dtype=torch.float32)                # all-gathers while sampling
+        for block in model.language_model.model.layers:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(objective, mp_policy=mp)
+        train_module = objective
+    elif world > 1:
+        train_module = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        train_module = objective
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
+
+    exclude = reward.geneval_prompts(args.exclude) if args.exclude and os.path.isfile(args.exclude) else None
+    report = {}
+    tasks = reward.make_tasks(args.tasks, args.seed, exclude_prompts=exclude, report=report)
+    eval_tasks = reward.make_tasks(args.eval_tasks, args.seed + 1, exclude_prompts=exclude) if args.eval_every else []
+
+    start = 0
+    ckpts = sorted(glob.glob(os.path.join(args.out, "step_*[0-9]")))
+    if args.resume and ckpts:
+        start = load_checkpoint(ckpts[-1], objective if args.fsdp else model, optimizer)
+        if args.fsdp:
+            refresh_replica(sampler_model, model)
+    if rank == 0:
+        print(f"{args.algo}: {n_trainable / 1e6:.1f}M trainable parameters, {world} rank(s), {len(tasks)} tasks "
+              f"({report.get('excluded', 0)} candidates excluded as GenEval prompts), steps {start}..{args.steps}")
+    log = open(os.path.join(args.out, "log.jsonl"), "a") if rank == 0 else None
+    bar = tqdm(range(start, args.steps), disable=rank != 0, initial=start, total=args.steps, desc=args.algo)
+    per_step = args.prompts_per_rank * args.grad_accum
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args)
+        t_rollout = t_update = 0.0
+        stats_acc, tags, rewards_all = {}, [], []
+        for micro in range(args.grad_accum):
+            slots = [(step * world + rank) * per_step + micro * args.prompts_per_rank + j
+                     for j in range(args.prompts_per_rank)]
+            t0 = time.perf_counter()
+            batch = merge_batches([
+                sft.janus_rollout(sampler_model, processor, [tasks[s % len(tasks)]], args.group_size, args.cfg,
+                                  args.temperature, task_generator(args, step, s), args.max_answer_tokens,
+                                  args.reward_normalize) for s in slots])
+            batch["generator"] = task_generator(args, step, slots[0])  # SFT's conditioning-dropout draws
+            t1 = time.perf_counter()
+            sync = micro == args.grad_accum - 1
+            if isinstance(train_module, nn.parallel.DistributedDataParallel):
+                train_module.require_backward_grad_sync = sync  # all-reduce on the last micro-step only
+            loss, stats = train_module(batch)
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"non-finite loss {float(loss)} at step {step} (stats {stats}); stopping. "
+                                   f"The last good checkpoint is {ckpts[-1] if ckpts else 'none (none written yet)'}")
+            (loss / args.grad_accum).backward()
+            t_update += time.perf_counter() - t1
+            t_rollout += t1 - t0
+            for k, v in stats.items():
+                stats_acc[k] = stats_acc.get(k, 0.0) + v / args.grad_accum
+            tags += [t["tag"] for t in batch["tasks"]]
+            rewards_all += batch["rewards"].tolist()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        if not torch.isfinite(grad_norm):
+            raise RuntimeError(f"non-finite gradient norm at step {step}; stopping before the update")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if args.fsdp:
+            refresh_replica(sampler_model, model)
+
+        entry = dict(step=step + 1, lr=lr_at(step, args), grad_norm=float(grad_norm), rollout_s=t_rollout,
+                     update_s=t_update, images_per_s=len(rewards_all) / max(t_rollout, 1e-9),
+                     tokens_per_s=batch["tokens"].numel() * args.grad_accum / max(t_rollout, 1e-9))
+        entry.update(gather_means(stats_acc, tags, rewards_all))
+        if args.eval_every and (step + 1) % args.eval_every == 0 and rank == 0:
+            entry.update(self_check_eval(sampler_model, processor, eval_tasks, args, device))
+        if rank == 0:
+            log.write(json.dumps(entry) + "\n")
+            log.flush()
+            bar.set_postfix(reward=f"{entry.get('reward', 0):.3f}", loss=f"{entry.get('loss_img', entry.get('loss_t2i', 0)):.3f}")
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            ckpts.append(save_checkpoint(args, step + 1, objective if args.fsdp else model, optimizer, rank, args.model))
+        if args.stop_after and step + 1 - start >= args.stop_after:
+            break
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def merge_batches(batches):
+    """Concatenate rollout batches (one per prompt group) along the image dimension."""
+    out = {}
+    for k, v in batches[0].items():
+        if isinstance(v, torch.Tensor):
+            out[k] = torch.cat([b[k] for b in batches])
+        else:
+            out[k] = [x for b in batches for x in b[k]]
+    return out
+
+
+@torch.no_grad()
+def refresh_replica(replica, sharded):
+    """Copy the FSDP-sharded weights into the plain inference replica, in place (CUDA-graph addresses stay valid)."""
+    for p_rep, p in zip(replica.parameters(), sharded.parameters()):
+        p_rep.copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
+
+
+if __name__ == "__main__":
+    main()
