@@ -123,6 +123,9 @@ VQ_PRESETS = {
     "VQ-16": dict(codebook_size=16384, codebook_embed_dim=8, codebook_l2_norm=True, codebook_show_usage=True,
                   z_channels=256, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, dropout_p=0.0,
                   image_size=384, patch_size=16),
+    # not a real Janus tokenizer: the toy world's (toy.py) fixed palette, one code = one cell's colour
+    "palette": dict(codebook_size=0, codebook_embed_dim=0, codebook_l2_norm=False, codebook_show_usage=False,
+                    z_channels=0, ch=0, ch_mult=(), num_res_blocks=0, dropout_p=0.0, image_size=8, patch_size=1),
 }
 
 
@@ -157,6 +160,7 @@ class JanusConfig:
     vq_num_res_blocks: int = 2
     gen_image_size: int = 384
     gen_patch_size: int = 16
+    palette: tuple = ()  # RGB rows: the image tokenizer is this fixed palette instead of VQ-16 (toy world only)
     # generation heads
     gen_vocab_size: int = 16384  # rows of gen_embed / outputs of gen_head
     gen_embed_dim: int = 8
@@ -218,7 +222,10 @@ class JanusConfig:
             vq_num_res_blocks=vq["num_res_blocks"], gen_image_size=vq["image_size"], gen_patch_size=vq["patch_size"],
             gen_vocab_size=vq.get("image_token_size", vq["codebook_size"]), gen_embed_dim=vq.get("n_embed", 8),
             gen_aligner_depth=gen_aligner.get("depth", 2),
+            palette=tuple(tuple(rgb) for rgb in vq.get("palette", ())),
         )
+        if gen_vis.get("cls") == "palette" and not c.palette:
+            raise ValueError("config.json: a 'palette' gen_vision_config needs params.palette (RGB rows)")
         # the aligners and gen_head are sized by their own params; they must agree with the LLM and the ViT
         for name, got, want in (("aligner_config.n_embed", aligner.get("n_embed"), c.hidden_size),
                                 ("aligner_config.input_dim", aligner.get("input_dim"), c.vit_width),
@@ -690,6 +697,31 @@ class VQModel(nn.Module):
         return codes.view(z.shape[0], -1), z_q.permute(0, 3, 1, 2)
 
 
+class PaletteTokenizer(nn.Module):
+    """The toy world's image tokenizer: code k = palette colour k, one code per patch x patch cell. No weights.
+
+    decode: codes [B, g*g] -> pixels [B, 3, g*p, g*p] in [-1, 1];  encode: nearest palette colour of each cell.
+    """
+
+    def __init__(self, palette, patch):
+        super().__init__()
+        self.palette, self.patch = palette, patch
+
+    def decode_code(self, codes):
+        B, T = codes.shape
+        g = math.isqrt(T)
+        rgb = torch.tensor(self.palette, dtype=torch.float32, device=codes.device)
+        # +0.5 centres each value in its uint8 bin, so to_uint8's truncation returns the palette colour exactly
+        x = ((rgb[codes] + 0.5) / 127.5 - 1).view(B, g, g, 3).permute(0, 3, 1, 2)
+        return x.repeat_interleave(self.patch, 2).repeat_interleave(self.patch, 3)
+
+    def encode(self, pixels):
+        cells = F.avg_pool2d(pixels.float(), self.patch)  # [B, 3, g, g]
+        rgb = torch.tensor(self.palette, dtype=torch.float32, device=pixels.device) / 127.5 - 1
+        dist = (cells.permute(0, 2, 3, 1)[..., None, :] - rgb).pow(2).sum(-1)  # [B, g, g, K]
+        return dist.argmin(-1).flatten(1), None
+
+
 # -----------------------------------------------------------------------------------------------------------
 # Janus: the unified model
 
@@ -706,7 +738,7 @@ class Janus(nn.Module):
         self.vision_model = nn.Module()
         self.vision_model.vision_tower = SigLIPViT(cfg)
         self.aligner = MlpProjector(cfg.vit_width, H, cfg.aligner_depth)
-        self.gen_vision_model = VQModel(cfg)
+        self.gen_vision_model = PaletteTokenizer(cfg.palette, cfg.gen_patch_size) if cfg.palette else VQModel(cfg)
         self.gen_aligner = MlpProjector(cfg.gen_embed_dim, H, cfg.gen_aligner_depth)
         self.gen_head = GenHead(H, cfg.gen_vocab_size)
         self.gen_embed = nn.Embedding(cfg.gen_vocab_size, cfg.gen_embed_dim)
@@ -837,6 +869,11 @@ class JanusProcessor:
         pre = {}
         if os.path.isfile(os.path.join(ckpt_dir, "preprocessor_config.json")):
             pre = json.load(open(os.path.join(ckpt_dir, "preprocessor_config.json")))
+        proc = {}
+        if os.path.isfile(os.path.join(ckpt_dir, "processor_config.json")):
+            proc = json.load(open(os.path.join(ckpt_dir, "processor_config.json")))
+        # real checkpoints always use the built-in system prompt; a toy checkpoint may ship a shorter one
+        self.system_prompt = proc.get("system_prompt", JANUS_SYSTEM_PROMPT)
         self.image_size = pre.get("image_size", cfg.vit_image_size)
         self.min_size = pre.get("min_size", 14)
         self.background = tuple(pre.get("background_color", (127, 127, 127)))
@@ -866,7 +903,7 @@ class JanusProcessor:
     def question_text(self, question, n_images=1):
         """A single-turn understanding prompt about n images, with the processor's system prompt."""
         user = "".join(JANUS_SPECIALS["image"] for _ in range(n_images)) + "\n" + question
-        return self.chat([(self.cfg.user_role, user), (self.cfg.assistant_role, "")], JANUS_SYSTEM_PROMPT)
+        return self.chat([(self.cfg.user_role, user), (self.cfg.assistant_role, "")], self.system_prompt)
 
     def expand_images(self, ids):
         """Each <image_placeholder> -> <begin_of_image> + N x <image_placeholder> + <end_of_image>."""
