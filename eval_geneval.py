@@ -25,8 +25,11 @@ sections 3-5). results.jsonl carries the official keys, so the official summary_
 detector and CLIP ViT-L-14 colour classifier plugged in; the built-in ScriptedDetector and PaletteColours are for
 tests and toy runs (their names are written into every result row and printed by `summary`).
 
+    python eval_geneval.py generate --model DIR --metadata evaluation_metadata.jsonl --outdir OUT --n 4 --seed 0
     python eval_geneval.py score --imagedir OUT --outfile OUT/results.jsonl [--detector mymodule:MyDetector]
     python eval_geneval.py summary OUT/results.jsonl
+    python eval_geneval.py selfcheck --model DIR --metadata evaluation_metadata_qa.jsonl --imagedir OUT \
+        --results OUT/results.jsonl [--reference-dir REF --reference-results REF/results.jsonl]
 """
 import argparse
 import importlib
@@ -369,10 +372,133 @@ def print_summary(s):
 # -----------------------------------------------------------------------------------------------------------
 
 
+# -----------------------------------------------------------------------------------------------------------
+# generate: the model samples images into the official layout; selfcheck: the model judges its own images
+
+
+def generate_images(model_dir, metadata_path, outdir, n=4, batch=16, seed=0, cfg_weight=5.0, temperature=1.0,
+                    device=None):
+    """OUT/<index:05d>/{metadata.jsonl, samples/<k:05d>.png, grid.png} for every prompt of a metadata jsonl.
+
+    Resumable: a prompt whose n samples exist is skipped. Each prompt's images are seeded by (seed, index), so a
+    resumed or re-batched run writes the same images. The sampling recipe goes to OUT/config.json.
+    """
+    import torch
+    from generate import janus_generate, save_images
+    from model import load_janus
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rows = [json.loads(line) for line in open(metadata_path) if line.strip()]
+    os.makedirs(outdir, exist_ok=True)
+    config = dict(model=os.path.abspath(model_dir), metadata=os.path.abspath(metadata_path), images_per_prompt=n,
+                  cfg_weight=cfg_weight, temperature=temperature, seed=seed,
+                  seed_policy="torch.Generator seeded with seed * 100003 + prompt index, per prompt",
+                  sampler="janus_generate (multinomial eager / exponential race compiled)")
+    json.dump(config, open(os.path.join(outdir, "config.json"), "w"), indent=1)
+    todo = [i for i in range(len(rows))
+            if len(glob_samples(os.path.join(outdir, f"{i:05d}", "samples"))) < n]
+    if not todo:
+        return 0
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    model, processor = load_janus(model_dir, device=device, dtype=dtype)
+    per_call = max(1, batch // n)  # prompts per sampler call
+    for start in tqdm(range(0, len(todo), per_call), desc="geneval prompts", unit="batch"):
+        chunk = todo[start:start + per_call]
+        images = []
+        for i in chunk:  # per-prompt generator: the images do not depend on the batching
+            g = torch.Generator(device).manual_seed(seed * 100003 + i)
+            images.append(janus_generate(model, processor, [rows[i]["prompt"]], n, cfg_weight, temperature,
+                                         generator=g)["images"])
+        for i, imgs in zip(chunk, images):
+            folder = os.path.join(outdir, f"{i:05d}")
+            os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
+            with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
+                f.write(json.dumps(rows[i]) + "\n")  # exactly one JSON object, as the evaluator loads it
+            save_images(imgs, os.path.join(folder, "samples"), os.path.join(folder, "grid.png"))
+    return len(todo)
+
+
+def glob_samples(folder):
+    return sorted(f for f in os.listdir(folder) if re.match(r"\d+\.png$", f)) if os.path.isdir(folder) else []
+
+
+def self_check_folder(model_dir, imagedir, qa_path, results_path=None, reference_dir=None, reference_results=None,
+                      device=None, max_new_tokens=100):
+    """UniRL's consistency metrics over a generated GenEval folder (method.md section 9.2).
+
+    selfcheck      share of images the model itself judges correct (reward.is_correct on its greedy answer)
+    Acc(MMU|T2I)   among images the detector judged correct (results.jsonl of `score`), the share the model
+                   also answers correctly
+    Acc(T2I|MMU)   on reference images known to be correct (another checkpoint's folder + results), for the prompts
+                   the model answers correctly, the share of the model's OWN images that the detector judged correct
+    ratio          Acc(MMU|T2I) / Acc(T2I|MMU) (near 1 = balanced); gap = their difference
+    """
+    import torch
+    import reward
+    from model import load_janus
+    from understand import self_check
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    qa = reward.load_tasks(qa_path)
+    model, processor = load_janus(model_dir, device=device,
+                                  dtype=torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+
+    def judge_folder(folder):
+        verdicts = {}
+        for path, meta in tqdm(find_samples(folder), desc=f"selfcheck {os.path.basename(folder)}"):
+            index = int(os.path.basename(os.path.dirname(os.path.dirname(path))))
+            task = qa[index]
+            image = np.asarray(Image.open(path).convert("RGB"))
+            out = self_check(model, processor, [image], [task], max_new_tokens)
+            verdicts[os.path.relpath(path, folder)] = dict(index=index, tag=task["tag"], answer=out["answers"][0],
+                                                           correct=bool(out["correct"][0]))
+        return verdicts
+
+    def detector_verdicts(path):
+        return {row["filename"]: bool(row["correct"]) for row in read_results(path)} if path else {}
+
+    own = judge_folder(imagedir)
+    own_det = detector_verdicts(results_path)
+    own_det = {os.path.relpath(k, imagedir) if os.path.isabs(k) else k: v for k, v in own_det.items()}
+    out = {"selfcheck": _per_tag([(v["tag"], v["correct"]) for v in own.values()])}
+    if own_det:
+        pairs = [(v["tag"], v["correct"]) for k, v in own.items() if own_det.get(k)]
+        out["acc_mmu_given_t2i"] = _per_tag(pairs)
+    if reference_dir and reference_results and own_det:
+        ref = judge_folder(reference_dir)
+        ref_det = detector_verdicts(reference_results)
+        ref_det = {os.path.relpath(k, reference_dir) if os.path.isabs(k) else k: v for k, v in ref_det.items()}
+        understood = {v["index"] for k, v in ref.items() if ref_det.get(k) and v["correct"]}
+        pairs = [(v["tag"], own_det[k]) for k, v in own.items() if v["index"] in understood and k in own_det]
+        out["acc_t2i_given_mmu"] = _per_tag(pairs)
+        a, b = out["acc_mmu_given_t2i"]["overall"], out["acc_t2i_given_mmu"]["overall"]
+        out["ratio"] = a / b if b else float("nan")
+        out["gap"] = a - b
+    with open(os.path.join(imagedir, "selfcheck.jsonl"), "w") as f:
+        for name, v in sorted(own.items()):
+            f.write(json.dumps(dict(filename=name, **v, detector_correct=own_det.get(name))) + "\n")
+    return out
+
+
+def _per_tag(pairs):
+    """[(tag, bool)] -> {tag: accuracy, ..., "overall": unweighted mean over tags, "n": count}."""
+    by_tag = {}
+    for tag, ok in pairs:
+        by_tag.setdefault(tag, []).append(ok)
+    acc = {t: sum(v) / len(v) for t, v in sorted(by_tag.items())}
+    return dict(acc, overall=sum(acc.values()) / len(acc) if acc else float("nan"), n=len(pairs))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="GenEval scoring and summary (see the module docstring).")
     commands = parser.add_subparsers(dest="command", required=True)
-    # `generate` (the model samples images into OUT/<index:05d>/samples/) will be added here; it needs generate.py.
+    p = commands.add_parser("generate", help="sample images into the official folder layout (resumable)")
+    p.add_argument("--model", required=True, help="checkpoint folder")
+    p.add_argument("--metadata", required=True, help="GenEval evaluation_metadata.jsonl (read by path)")
+    p.add_argument("--outdir", required=True)
+    p.add_argument("--n", type=int, default=4, help="images per prompt (GenEval: 4)")
+    p.add_argument("--batch", type=int, default=16, help="images per sampler call")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--temperature", type=float, default=1.0)
 
     p = commands.add_parser("score", help="judge every image of an OUT folder in the official layout")
     p.add_argument("--imagedir", required=True, help="OUT/<index>/{metadata.jsonl, samples/<k>.png}")
@@ -386,8 +512,13 @@ def main(argv=None):
 
     p = commands.add_parser("summary", help="per-tag and overall scores of a results.jsonl (ours or official)")
     p.add_argument("results")
-    # `selfcheck` (the model answers its own questions: Acc(MMU|T2I), Acc(T2I|MMU)) will be added here; it needs
-    # understand.py and reward.py.
+    p = commands.add_parser("selfcheck", help="the model answers its own questions: Acc(MMU|T2I), Acc(T2I|MMU)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--metadata", required=True, help="UniRL's evaluation_metadata_qa.jsonl (question, answer)")
+    p.add_argument("--imagedir", required=True, help="a folder written by `generate` with this model")
+    p.add_argument("--results", help="results.jsonl of `score` on --imagedir (enables Acc(MMU|T2I))")
+    p.add_argument("--reference-dir", help="GenEval folder of ANOTHER checkpoint, for Acc(T2I|MMU)")
+    p.add_argument("--reference-results", help="results.jsonl of --reference-dir")
 
     args = parser.parse_args(argv)
     if args.command == "score":
@@ -397,6 +528,17 @@ def main(argv=None):
         print(f"wrote {len(rows)} rows to {args.outfile}")
         if rows:
             print_summary(summarize(rows))
+    elif args.command == "generate":
+        if not os.path.isdir(args.model):
+            sys.exit(f"--model {args.model!r} is not a folder")
+        done = generate_images(args.model, args.metadata, args.outdir, args.n, args.batch, args.seed, args.cfg,
+                               args.temperature)
+        print(f"generated {done} prompt folders in {args.outdir} (the others were already complete)")
+    elif args.command == "selfcheck":
+        out = self_check_folder(args.model, args.imagedir, args.metadata, args.results, args.reference_dir,
+                                args.reference_results)
+        for name, value in out.items():
+            print(f"{name}: {json.dumps(value) if isinstance(value, dict) else f'{value:.4f}'}")
     elif args.command == "summary":
         rows = read_results(args.results)
         if not rows:

@@ -12,6 +12,7 @@ Usage:
     python generate.py --model DIR --prompt "a photo of two cats" --n 16 --cfg 5 --seed 0 --out out/
 """
 import argparse
+import math
 import os
 
 import torch
@@ -215,8 +216,104 @@ def janus_image_logprobs(model, processor, prompts, tokens, cfg_weight=5.0, temp
     return torch.log_softmax(logits.float() / temperature, -1).gather(2, tokens[..., None])[..., 0]
 
 
-def save_images(images, out_dir, grid_name="grid.png"):
-    """uint8 [B, H, W, 3] -> out_dir/00000.png ... and a near-square grid.png; returns the file paths."""
+# -----------------------------------------------------------------------------------------------------------
+# Show-o: MaskGIT decoding. Every step predicts all masked image tokens at once, samples them, and re-masks
+# the least confident floor(N * schedule((s+1)/T)); guidance is (1 + g) cond - g uncond.
+
+
+def cosine_schedule(t):
+    """Fraction of image tokens still masked at time t in [0, 1]: cos(t pi / 2). Stays float32 on purpose."""
+    return torch.cos(t * math.pi * 0.5)
+
+
+def sigmoid_schedule(t, start=-3, end=3, tau=1.0, clip_min=1e-6):
+    v_start, v_end = torch.sigmoid(torch.tensor(start / tau)), torch.sigmoid(torch.tensor(end / tau))
+    return torch.clip((v_end - torch.sigmoid((t * (end - start) + start) / tau)) / (v_end - v_start), clip_min, 1.0)
+
+
+def get_mask_schedule(name):
+    """"cosine" (every demo and UniRL), "linear", "powX" (e.g. "pow2") or "sigmoid", as models/sampling.py."""
+    if name.startswith("pow"):
+        return lambda t: (1.0 - t ** float(name[3:])).clamp(min=1e-6, max=1.0)
+    return dict(cosine=cosine_schedule, sigmoid=sigmoid_schedule,
+                linear=lambda t: (1 - t).clamp(min=1e-6, max=1.0))[name]
+
+
+def schedule_step(step, timesteps, num_tokens, schedule=cosine_schedule):
+    """(t, mask_ratio, raw mask length) of MaskGIT step `step`, all float32 as in t2i_generate.
+
+    float32 matters: for N = 256, T = 18, step 11 the official floor gives 127 where float64 gives 128, and the
+    last step gives cos(pi/2) = -4.4e-8, so the raw length is -1 (clamped to 1 later).
+    """
+    t = torch.tensor((step + 1) / timesteps)  # 0-d float32
+    mask_ratio = schedule(t)
+    return t, mask_ratio, (num_tokens * mask_ratio).floor()
+
+
+def _log(t):
+    return torch.log(t.clamp(min=1e-20))
+
+
+def mask_by_random_topk(mask_len, probs, temperature, generator=None):
+    """True for the mask_len [B, 1] least confident tokens, confidence = log p + temperature * Gumbel."""
+    u = torch.zeros_like(probs).uniform_(0, 1, generator=generator)
+    confidence = _log(probs) + temperature * -_log(-_log(u))
+    cutoff = torch.gather(torch.sort(confidence, dim=-1).values, 1, mask_len.long())
+    return confidence < cutoff
+
+
+@torch.no_grad()
+def showo_maskgit(model, input_ids, uncond_input_ids=None, attention_mask=None, guidance_scale=0.0, temperature=1.0,
+                 timesteps=18, schedule=cosine_schedule, generator=None, record=None):
+    """MaskGIT decoding of the N image tokens of t2i rows -> sampled codes [B, N] (0..K-1), as Showo.t2i_generate.
+
+    Each step: logits over the codebook at image positions (CFG: (1+g) cond - g uncond from one batched forward;
+    uncond rows = uncond text block + the current image state), sample every token from softmax (no temperature),
+    keep known tokens, then re-mask the floor(N * schedule((s+1)/T)) least confident (log p + temperature * Gumbel,
+    the temperature compounding as T0 prod(1 - ratio)). RNG per step: multinomial [B*N, K], then uniform [B, N].
+    input_ids [B, L] is updated IN PLACE (as the official code does); clone it to keep it.
+    record: optional list that receives one dict of intermediate values per step (for tests).
+    """
+    cfg = model.config
+    N, M, V0 = cfg.num_vq_tokens, cfg.mask_token_id, cfg.image_offset
+    P = input_ids.shape[1] - N - 2  # text block length
+    image = slice(P + 1, P + 1 + N)  # positions between <|soi|> and <|eoi|>
+    current = input_ids[:, image].clone()
+    current = torch.where(current == M, M, current - V0)  # [B, N] local codes, or M where unknown
+    for step in range(timesteps):
+        if uncond_input_ids is not None and guidance_scale > 0:
+            uncond = torch.cat([uncond_input_ids[:, :P], input_ids[:, P:]], dim=1)
+            model_input = torch.cat([input_ids, uncond])
+            cond_logits, uncond_logits = model(model_input, attention_mask=attention_mask).chunk(2)
+            logits = (1 + guidance_scale) * cond_logits - guidance_scale * uncond_logits  # MUSE form
+        else:
+            model_input = input_ids
+            logits = model(model_input, attention_mask=attention_mask)
+        logits = logits[:, image, V0:M]  # [B, N, K]: codebook columns only, mask column dropped
+        probs = logits.softmax(dim=-1)
+        sampled = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(probs.shape[:-1])  # [B, N]
+        unknown = current == M
+        sampled = torch.where(unknown, sampled, current)
+        t, mask_ratio, raw_len = schedule_step(step, timesteps, N, schedule)
+        confidence = torch.gather(probs, -1, sampled[..., None]).squeeze(-1)
+        confidence = torch.where(unknown, confidence, torch.finfo(confidence.dtype).max)  # never re-mask known tokens
+        mask_len = raw_len.unsqueeze(0).to(logits.device)  # [1]
+        # keep at least one new token this step, and mask at least one for the next
+        mask_len = torch.max(torch.tensor([1], device=logits.device),
+                             torch.min(unknown.sum(dim=-1, keepdim=True) - 1, mask_len))  # [B, 1] float
+        temperature = temperature * (1.0 - (step + 1) / timesteps)  # compounds across steps (unlike MaskGIT)
+        masking = mask_by_random_topk(mask_len, confidence, temperature, generator=generator)
+        if record is not None:
+            record.append(dict(model_input_ids=model_input.clone(), schedule_t=t, mask_ratio=mask_ratio,
+                               mask_len=mask_len, temperature=temperature, masking=masking))
+        input_ids[:, image] = torch.where(masking, M, sampled + V0)
+        current = torch.where(masking, M, sampled)
+    return sampled
+
+
+def save_images(images, out_dir, grid_path=None):
+    """uint8 [B, H, W, 3] -> out_dir/00000.png ... and a near-square grid (default out_dir/grid.png); returns the
+    file paths."""
     from PIL import Image
     os.makedirs(out_dir, exist_ok=True)
     paths = []
@@ -229,7 +326,7 @@ def save_images(images, out_dir, grid_name="grid.png"):
     grid = Image.new("RGB", (cols * W, rows * H))
     for i, im in enumerate(images.cpu().numpy()):
         grid.paste(Image.fromarray(im), ((i % cols) * W, (i // cols) * H))
-    grid.save(os.path.join(out_dir, grid_name))
+    grid.save(grid_path or os.path.join(out_dir, "grid.png"))
     return paths
 
 

@@ -19,10 +19,13 @@ import os
 import re
 from dataclasses import dataclass, field, fields, replace
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from PIL import Image
+from tokenizers import AddedToken, Tokenizer
 
 # -----------------------------------------------------------------------------------------------------------
 # Checkpoint reading and strict loading (shared by both model families)
@@ -532,6 +535,10 @@ def group_norm(channels):
     return nn.GroupNorm(32, channels, eps=1e-6, affine=True)
 
 
+def swish(x):
+    return x * torch.sigmoid(x)  # written out as upstream: F.silu differs in the last bit for ~23% of elements
+
+
 class ResnetBlock(nn.Module):
     def __init__(self, c_in, c_out):
         super().__init__()
@@ -541,12 +548,12 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(c_in, c_out, 1)
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))  # dropout is 0 in every released VQ
+        h = self.conv1(swish(self.norm1(x)))
+        h = self.conv2(swish(self.norm2(h)))  # dropout is 0 in every released tokenizer
         return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
 
 
-class VQAttnBlock(nn.Module):
+class AttnBlock(nn.Module):
     """Single-head self-attention over the H*W positions, with 1x1 convolutions as projections."""
 
     def __init__(self, c):
@@ -583,15 +590,18 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x.float(), scale_factor=2.0, mode="nearest").to(x.dtype))
 
 
-def conv_level(c_in, c_out, n_res, with_attn):
+def conv_level(c_in, c_out, n_res, with_attn, res_name="res"):
+    """One resolution level: n_res residual blocks (the first maps c_in -> c_out), an attention after each if any.
+    The residual list is `res` in LlamaGen's VQ and `block` in MAGVIT-v2."""
     level = nn.Module()
-    level.res = nn.ModuleList(ResnetBlock(c_in if j == 0 else c_out, c_out) for j in range(n_res))
-    level.attn = nn.ModuleList(VQAttnBlock(c_out) for _ in range(n_res if with_attn else 0))
+    level.res_name = res_name
+    setattr(level, res_name, nn.ModuleList(ResnetBlock(c_in if j == 0 else c_out, c_out) for j in range(n_res)))
+    level.attn = nn.ModuleList(AttnBlock(c_out) for _ in range(n_res if with_attn else 0))
     return level
 
 
 def run_level(level, h):
-    for j, res in enumerate(level.res):
+    for j, res in enumerate(getattr(level, level.res_name)):
         h = res(h)
         if len(level.attn):
             h = level.attn[j](h)
@@ -611,7 +621,7 @@ class VQEncoder(nn.Module):
                 level.downsample = Downsample(ch * m)
             self.conv_blocks.append(level)
             c_in = ch * m
-        self.mid = nn.ModuleList([ResnetBlock(c_in, c_in), VQAttnBlock(c_in), ResnetBlock(c_in, c_in)])
+        self.mid = nn.ModuleList([ResnetBlock(c_in, c_in), AttnBlock(c_in), ResnetBlock(c_in, c_in)])
         self.norm_out = group_norm(c_in)
         self.conv_out = nn.Conv2d(c_in, cfg.vq_z_channels, 3, padding=1)
 
@@ -623,7 +633,7 @@ class VQEncoder(nn.Module):
                 h = level.downsample(h)
         for block in self.mid:
             h = block(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(swish(self.norm_out(h)))
 
 
 class VQDecoder(nn.Module):
@@ -632,7 +642,7 @@ class VQDecoder(nn.Module):
         ch, mult = cfg.vq_ch, cfg.vq_ch_mult
         c_in = ch * mult[-1]
         self.conv_in = nn.Conv2d(cfg.vq_z_channels, c_in, 3, padding=1)
-        self.mid = nn.ModuleList([ResnetBlock(c_in, c_in), VQAttnBlock(c_in), ResnetBlock(c_in, c_in)])
+        self.mid = nn.ModuleList([ResnetBlock(c_in, c_in), AttnBlock(c_in), ResnetBlock(c_in, c_in)])
         self.conv_blocks = nn.ModuleList()
         for k, m in enumerate(reversed(mult)):  # k = 0 is the lowest resolution; one more res block than encoder
             level = conv_level(c_in, ch * m, cfg.vq_num_res_blocks + 1, k == 0)
@@ -651,7 +661,7 @@ class VQDecoder(nn.Module):
             h = run_level(level, h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(swish(self.norm_out(h)))
 
 
 class VQQuantizer(nn.Module):
@@ -856,7 +866,6 @@ class JanusProcessor:
     """Text <-> ids, the `deepseek` chat template, and pixels in the exact official preprocessing."""
 
     def __init__(self, ckpt_dir, cfg):
-        from tokenizers import Tokenizer
         path = os.path.join(ckpt_dir, "tokenizer.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no tokenizer.json in {ckpt_dir}")
@@ -917,8 +926,6 @@ class JanusProcessor:
 
     def preprocess(self, image):
         """PIL image -> [3, S, S] float32: aspect-preserving bicubic resize, grey pad to square, (x/255-m)/s."""
-        import numpy as np
-        from PIL import Image
         image = image.convert("RGB")
         w, h, S = image.width, image.height, self.image_size
         m = max(w, h)
@@ -985,6 +992,563 @@ def load_janus(ckpt_dir, device=None, dtype=None):
     """-> (model, processor) from one checkpoint folder."""
     model = Janus.from_pretrained(ckpt_dir, device=device, dtype=dtype)
     return model, JanusProcessor(ckpt_dir, model.cfg)
+
+
+# ===========================================================================================================
+# Show-o (showlab, v1): one Phi-1.5 decoder over a joint vocabulary
+#     [ text (phi-1.5 BPE) | [PAD] + 9 task/boundary tokens | image codes 0..K-1 at image_offset | mask ]
+# understanding = next-token prediction over text after a bidirectionally-read image;
+# generation    = MaskGIT: predict every masked image token at once, keep the confident ones, repeat.
+# Everything below follows showlab/Show-o @ 45a5a2d bit for bit on CPU/fp32 (spec: shared/spec/showo.md).
+
+WEIGHT_NAMES = ("model", "pytorch_model", "diffusion_pytorch_model")  # file stems Show-o/MAGVIT repos use
+SHOWO_SPECIALS = ("<|soi|>", "<|eoi|>", "<|sov|>", "<|eov|>", "<|t2i|>", "<|mmu|>", "<|t2v|>", "<|v2v|>", "<|lvg|>")
+IGNORE_ID = -100
+BLOCKED = float(torch.iinfo(torch.int64).min)  # the mask builders fill with int64-min (-9.22e18), not -inf
+SHOWO_SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. "
+                       "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+PHI_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "partial_rotary_factor", "rope_theta", "max_position_embeddings", "layer_norm_eps")
+
+
+@dataclass
+class ShowOConfig:
+    """Show-o's diffusers-style config.json plus the Phi-1.5 sizes the official code fetches from the hub.
+
+    Released config.json files carry only the vocabulary fields; the Phi sizes then default to Phi-1.5's. Test
+    fixtures add an explicit `llm_config`, which is honoured. `max_seq_length` (the text budget; the text block is
+    one longer) lives in the run YAML officially: 128 in every demo, 64 in UniRL's eval.
+    """
+    vocab_size: int = 58498            # llm_vocab_size + num_new_special_tokens + codebook_size + 1 (mask)
+    llm_vocab_size: int = 50295        # len(phi-1.5 tokenizer)
+    num_new_special_tokens: int = 10   # [PAD] + SHOWO_SPECIALS
+    codebook_size: int = 8192
+    num_vq_tokens: int = 256           # 16x16 at 256 px, 32x32 = 1024 at 512 px
+    max_seq_length: int = 128
+    w_clip_vit: bool = False
+    clip_hidden_size: int = 1024       # CLIP ViT-L/14-336 width, the mm_projector's input
+    # Phi-1.5
+    hidden_size: int = 2048
+    intermediate_size: int = 8192
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    partial_rotary_factor: float = 0.5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    layer_norm_eps: float = 1e-5
+
+    @property
+    def head_dim(self): return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self): return int(self.partial_rotary_factor * self.head_dim)
+
+    @property
+    def image_offset(self): return self.llm_vocab_size + self.num_new_special_tokens  # vocab id of code 0
+
+    @property
+    def mask_token_id(self): return self.vocab_size - 1  # the official constructor forces this, whatever the file says
+
+    @classmethod
+    def from_json(cls, path):
+        raw = json.load(open(path))
+        known = {f.name for f in fields(cls)} - set(PHI_FIELDS)
+        kw = {k: v for k, v in raw.items() if k in known}  # unknown keys (_class_name, load_from_showo, ...) ignored
+        llm = raw.get("llm_config") or {}
+        if llm.get("rope_scaling") or llm.get("hidden_act", "gelu_new") != "gelu_new" or llm.get("tie_word_embeddings"):
+            raise ValueError(f"{path}: llm_config asks for rope_scaling/hidden_act/tied embeddings Show-o never uses")
+        kw.update({k: llm[k] for k in PHI_FIELDS if k in llm})
+        return cls(**kw)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The Phi-1.5 backbone as Show-o runs it: parallel block, qk-LayerNorm, partial RoPE, gelu_new
+
+
+def gelu_new(x):
+    """GPT-2's tanh GELU, written as HF's NewGELU (the library's tanh-GELU differs in the last bits)."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def rotary_cos_sin(cfg, seq_len):
+    """cos/sin tables [L, rotary_dim] for positions 0..L-1 (padding included: positions are not pad-aware).
+
+    Built exactly like Phi's cache (on CPU, fp32, max_position_embeddings rows, then sliced): another device,
+    dtype or length changes the last bits. Recomputed per forward because a module built on the meta device
+    cannot hold non-checkpoint buffers; it is ~65k elements.
+    """
+    dim = cfg.rotary_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+    t = torch.arange(max(seq_len, cfg.max_position_embeddings), dtype=torch.int64, device="cpu").type_as(inv_freq)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)  # [max_pos, rotary_dim]
+    return emb.cos()[:seq_len], emb.sin()[:seq_len]
+
+
+def apply_partial_rope(x, cos, sin):
+    """Rotate the first rotary_dim dims of each head (half-rotation form); the rest pass through. x [B, H, L, hd]."""
+    r = cos.shape[-1]
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    rotated = torch.cat((-x_rot[..., r // 2:], x_rot[..., :r // 2]), dim=-1)
+    return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
+
+
+class PhiAttention(nn.Module):
+    """softmax(q k^T / sqrt(hd) + mask) v with q = RoPE(LN(W_q h)), k = RoPE(LN(W_k h)); LN over each head vector."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D, hd = cfg.hidden_size, cfg.head_dim
+        self.head_dim = hd
+        self.q_proj = nn.Linear(D, cfg.num_attention_heads * hd)
+        self.k_proj = nn.Linear(D, cfg.num_key_value_heads * hd)
+        self.v_proj = nn.Linear(D, cfg.num_key_value_heads * hd)
+        self.dense = nn.Linear(cfg.num_attention_heads * hd, D)
+        self.q_layernorm = nn.LayerNorm(hd, eps=cfg.layer_norm_eps)  # Show-o forces qk_layernorm on
+        self.k_layernorm = nn.LayerNorm(hd, eps=cfg.layer_norm_eps)
+
+    def forward(self, h, cos, sin, mask):
+        B, L, _ = h.shape
+        q = self.q_proj(h).view(B, L, -1, self.head_dim).transpose(1, 2)  # [B, H, L, hd]
+        k = self.k_proj(h).view(B, L, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, L, hd]
+        v = self.v_proj(h).view(B, L, -1, self.head_dim).transpose(1, 2)
+        q, k = self.q_layernorm(q), self.k_layernorm(k)  # before RoPE, as in Show-o's phi.py
+        q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
+        if k.shape[1] != q.shape[1]:  # GQA (unused by Phi-1.5: 32/32 heads)
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and L > 1)
+        return self.dense(a.transpose(1, 2).reshape(B, L, -1))
+
+
+class PhiMLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(gelu_new(self.fc1(x)))
+
+
+class PhiBlock(nn.Module):
+    """Parallel block: x' = (Attn(LN(x)) + MLP(LN(x))) + x, one LayerNorm, summed in exactly this order."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.self_attn = PhiAttention(cfg)
+        self.mlp = PhiMLP(cfg)
+        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x, cos, sin, mask):
+        h = self.input_layernorm(x)
+        return self.self_attn(h, cos, sin, mask) + self.mlp(h) + x
+
+
+class ShowO(nn.Module):
+    """Show-o: logits = lm_head(LN(Phi(embed(ids)))) in fp32 over the joint vocabulary.
+
+    The attention mask is the additive [B, 1, L, L] (or [L, L]) float mask of the builders below, passed unchanged
+    to every layer; with none, attention is causal. Tensor names follow the checkpoint: showo.model.*,
+    showo.lm_head.*, and mm_projector.* for show-o-w-clip-vit.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        D, V = cfg.hidden_size, cfg.vocab_size
+        phi = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(V, D),
+            layers=nn.ModuleList(PhiBlock(cfg) for _ in range(cfg.num_hidden_layers)),
+            final_layernorm=nn.LayerNorm(D, eps=cfg.layer_norm_eps)))
+        self.showo = nn.ModuleDict(dict(model=phi, lm_head=nn.Linear(D, V)))  # untied, with bias
+        if cfg.w_clip_vit:  # CLIP penultimate-layer features [B, 576, 1024] -> LLM embeddings
+            self.mm_projector = nn.Sequential(nn.Linear(cfg.clip_hidden_size, D), nn.GELU(), nn.Linear(D, D))
+
+    def forward(self, input_ids=None, attention_mask=None, input_embeddings=None):
+        phi = self.showo.model
+        x = phi.embed_tokens(input_ids) if input_embeddings is None else input_embeddings  # [B, L, D]
+        cos, sin = (t.to(x.device, x.dtype) for t in rotary_cos_sin(self.config, x.shape[1]))
+        if attention_mask is not None:  # SDPA wants the mask in the compute dtype (-9e18 / -3e38 become -inf in bf16)
+            attention_mask = attention_mask.to(x.device, x.dtype)
+        for layer in phi.layers:
+            x = layer(x, cos, sin, attention_mask)
+        return self.showo.lm_head(phi.final_layernorm(x)).float()  # [B, L, V]
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None):
+        """A Show-o folder: config.json + model/pytorch_model .safetensors/.bin (or a sharded index)."""
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise CheckpointError(f"{path}: no config.json")
+        cfg = ShowOConfig.from_json(os.path.join(path, "config.json"))
+        sd = read_checkpoint(path, names=WEIGHT_NAMES)
+        return load_strict(build_on_meta(cls, cfg), sd, dtype=dtype, device=device, where=path).eval()
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Tokenizer, prompts and attention masks (training/prompting_utils.py)
+
+
+class ShowOTokenizer:
+    """phi-1.5's byte-level BPE plus Show-o's [PAD] and nine task/boundary tokens.
+
+    Real phi-1.5 files lack the ten additions; they are appended here in the official order ([PAD] first, so
+    pad = len(phi tokenizer)), which is a no-op for files that already hold them. Every id is looked up by string.
+    sot = bos and eot = eos are both <|endoftext|> for phi. The tokenizer adds no bos by itself.
+    """
+
+    def __init__(self, path):
+        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        folder = os.path.dirname(file)
+        self.tok = Tokenizer.from_file(file)
+        self.tok.add_special_tokens([AddedToken("[PAD]", special=True, normalized=False)])
+        self.tok.add_tokens(list(SHOWO_SPECIALS))
+        names = dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>")  # phi-1.5's, when no map says otherwise
+        for extra in ("tokenizer_config.json", "special_tokens_map.json"):
+            if os.path.isfile(os.path.join(folder, extra)):
+                found = json.load(open(os.path.join(folder, extra)))
+                names.update({k: found[k] if isinstance(found[k], str) else found[k]["content"]
+                              for k in names if found.get(k)})
+
+        def lookup(token, role):
+            i = self.tok.token_to_id(token)
+            if i is None:
+                raise ValueError(f"{file}: tokenizer has no {token!r} ({role}); Show-o needs it")
+            return i
+
+        self.bos_id, self.eos_id = lookup(names["bos_token"], "bos"), lookup(names["eos_token"], "eos")
+        self.pad_id = lookup("[PAD]", "pad")
+        self.special_ids = {t: lookup(t, "Show-o special") for t in SHOWO_SPECIALS}
+        self.special_ids.update({"<|pad|>": self.pad_id, "<|sot|>": self.bos_id, "<|eot|>": self.eos_id})
+        self.image_offset = len(self)  # image code c has vocabulary id image_offset + c
+
+    def __len__(self):
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text):
+        return self.tok.encode(text).ids
+
+    def decode(self, ids):
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def _with_bos(tok, ids):
+    """Show-o's text normalisation: [] -> [bos]; bos prepended unless already first."""
+    return [tok.bos_id] if not ids else ids if ids[0] == tok.bos_id else [tok.bos_id] + ids
+
+
+def _t2i_text_block(tok, ids, text_len):
+    """[<|t2i|>] ids [eos], left-padded with [PAD] to text_len, or cut to text_len-1 ids plus eos."""
+    block = [tok.special_ids["<|t2i|>"]] + ids + [tok.eos_id]
+    if len(block) <= text_len:
+        return [tok.pad_id] * (text_len - len(block)) + block
+    return block[:text_len - 1] + [tok.eos_id]
+
+
+def _around_image(tok, text_rows, image_ids):
+    """text [B, P] + [<|soi|>] + image_ids [B, N] + [<|eoi|>] -> [B, P + N + 2]."""
+    text = torch.tensor(text_rows, dtype=torch.long, device=image_ids.device)
+    soi = text.new_full((len(text_rows), 1), tok.special_ids["<|soi|>"])
+    eoi = text.new_full((len(text_rows), 1), tok.special_ids["<|eoi|>"])
+    return torch.cat([text, soi, image_ids, eoi], dim=1)
+
+
+def t2i_prompt(tok, texts, image_ids, max_seq_length):
+    """Generation rows [PAD..][<|t2i|>][bos] text [eos][<|soi|>] image [<|eoi|>], text block P = max_seq_length + 1.
+
+    image_ids [B, N] are vocabulary ids: all mask_token_id to generate. The empty text gives the unconditional row.
+    """
+    rows = [_t2i_text_block(tok, _with_bos(tok, tok.encode(t)), max_seq_length + 1) for t in texts]
+    return _around_image(tok, rows, image_ids)
+
+
+def t2i_train_prompt(tok, texts, image_ids, image_labels, max_seq_length, cond_dropout_prob=0.1):
+    """Training rows and labels: as t2i_prompt, with classifier-free-guidance dropout of the text.
+
+    A rand(B) is drawn on every call, even at p = 0, as the official code does (it shifts the RNG stream).
+    Labels are the row itself with [PAD] -> -100, so <|soi|> and <|eoi|> are their own targets.
+    """
+    dropped = torch.rand(len(texts)) < cond_dropout_prob
+    rows = [_t2i_text_block(tok, [tok.bos_id] if drop else _with_bos(tok, tok.encode(t)), max_seq_length + 1)
+            for t, drop in zip(texts, dropped)]
+    ids, labels = _around_image(tok, rows, image_ids), _around_image(tok, rows, image_labels)
+    return ids, torch.where(labels == tok.pad_id, IGNORE_ID, labels)
+
+
+def mmu_prompt(tok, image_codes, question):
+    """Understanding rows [<|mmu|>, <|soi|>] codes [<|eoi|>, <|sot|>] "USER: \\n{q} ASSISTANT:" (inference_mmu.py).
+
+    image_codes [B, N] are MAGVIT codes (offset added here). The question is tokenised raw: the explicit <|sot|>
+    already plays bos.
+    """
+    B = image_codes.shape[0]
+    before = torch.tensor([tok.special_ids["<|mmu|>"], tok.special_ids["<|soi|>"]], device=image_codes.device)
+    after = torch.tensor([tok.special_ids["<|eoi|>"], tok.special_ids["<|sot|>"]]
+                         + tok.encode("USER: \n" + question + " ASSISTANT:"), device=image_codes.device)
+    return torch.cat([before.expand(B, -1), image_codes + tok.image_offset, after.expand(B, -1)], dim=1)
+
+
+def mmu_train_prompt(tok, image_codes, captions, max_seq_length):
+    """Captioning rows [<|mmu|>, <|soi|>] codes [<|eoi|>] [bos] caption [eos] [PAD..] (right-padded) and labels.
+
+    The caption block is max_seq_length long (the task token took the text block's extra slot); labels are -100
+    over the image prefix and on padding, so the loss (shifted) predicts bos .. eos.
+    """
+    rows, labels = [], []
+    for caption in captions:
+        block = _with_bos(tok, tok.encode(caption)) + [tok.eos_id]
+        if len(block) <= max_seq_length:
+            block = block + [tok.pad_id] * (max_seq_length - len(block))
+        else:
+            block = block[:max_seq_length - 1] + [tok.eos_id]
+        rows.append(block)
+        labels.append([IGNORE_ID if i == tok.pad_id else i for i in block])
+    (B, N), dev = image_codes.shape, image_codes.device
+    head = torch.tensor([tok.special_ids["<|mmu|>"], tok.special_ids["<|soi|>"]], device=dev).expand(B, -1)
+    eoi = torch.full((B, 1), tok.special_ids["<|eoi|>"], device=dev)
+    ids = torch.cat([head, image_codes + tok.image_offset, eoi, torch.tensor(rows, device=dev)], dim=1)
+    labels = torch.cat([torch.full((B, N + 3), IGNORE_ID, device=dev), torch.tensor(labels, device=dev)], dim=1)
+    return ids, labels
+
+
+def lm_prompt(tok, texts, seq_len):
+    """Language-modelling rows [bos] text [eos] right-padded to seq_len (over-long text is cut, without eos)."""
+    rows = [(_with_bos(tok, tok.encode(t)) + [tok.eos_id])[:seq_len] for t in texts]
+    ids = torch.tensor([r + [tok.pad_id] * (seq_len - len(r)) for r in rows])
+    labels = torch.tensor([r + [IGNORE_ID] * (seq_len - len(r)) for r in rows])
+    return ids, labels
+
+
+def _additive(allowed):
+    """bool "may attend" -> additive float32 mask: 0 where allowed, int64-min elsewhere (bit-exact to official)."""
+    return torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, BLOCKED)
+
+
+def omni_attention_mask(ids, pad_id, soi_id, eoi_id, rm_pad_in_image=False):
+    """Show-o's omni-attention mask [B, 1, L, L] (create_attention_mask_predict_next).
+
+    Text rows are causal; rows of the image span <|soi|> .. <|eoi|> see every column (the text prefix and the whole
+    image, bidirectionally). With rm_pad_in_image (t2i training and generation), rows after the last [PAD] p
+    cannot see columns 0..p and image rows cannot see [PAD] columns. One <|soi|> per row is assumed.
+    """
+    B, L = ids.shape
+    is_pad = ids == pad_id
+    is_soi, is_eoi = ids == soi_id, ids == eoi_id
+    in_image = (is_soi.cumsum(1) > is_eoi.cumsum(1)) | is_soi | is_eoi  # [B, L]
+    pos = torch.arange(L, device=ids.device)
+    allowed = (pos[None, :, None] >= pos[None, None, :]).expand(B, L, L)  # causal [B, L(row), L(col)]
+    image_rows_see = torch.ones(B, 1, L, dtype=torch.bool, device=ids.device)
+    if rm_pad_in_image:
+        last_pad = torch.where(is_pad.any(1), L - 1 - is_pad.flip(1).int().argmax(1), -1)[:, None, None]  # [B, 1, 1]
+        allowed = allowed & ~((pos[None, :, None] > last_pad) & (pos[None, None, :] <= last_pad))
+        image_rows_see = ~is_pad[:, None, :]
+    allowed = torch.where(in_image[:, :, None], image_rows_see, allowed)
+    return _additive(allowed)[:, None]
+
+
+def mmu_attention_mask(ids, eoi_id):
+    """[B, 1, L, L]: causal, plus columns 0..e (e = <|eoi|> of row 0, used for all rows) visible to every row."""
+    B, L = ids.shape
+    allowed = torch.ones(L, L, dtype=torch.bool, device=ids.device).tril()
+    allowed[:, :int((ids[0] == eoi_id).nonzero()[0, 0]) + 1] = True
+    return _additive(allowed).expand(B, 1, L, L).clone()
+
+
+def mmu_vit_attention_mask(seq_len, system_prompt_len, num_features, whole_prefix=False):
+    """[1, 1, L, L] for [<|mmu|>] system [<|soi|>] CLIP features [<|eoi|>] question: causal, plus the feature columns
+    visible to all rows. whole_prefix=True is the pre-2024-09-19 variant (UniRL's copy): the whole prefix up to the
+    last feature is visible. Which one show-o-w-clip-vit was tuned with is not recorded."""
+    allowed = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+    start = 0 if whole_prefix else 1 + system_prompt_len + 1
+    allowed[:, start:1 + system_prompt_len + 1 + num_features] = True
+    return _additive(allowed)[None, None]
+
+
+def mmu_vit_inputs(model, tok, clip_features, question, system_prompt=SHOWO_SYSTEM_PROMPT, whole_prefix=False):
+    """show-o-w-clip-vit understanding input: (embeddings [B, L, D], mask [B, 1, L, L]).
+
+    clip_features [B, F, clip_hidden_size] are precomputed CLIP ViT-L/14-336 features (penultimate layer, CLS
+    dropped); the tower itself is not part of this port. They go through mm_projector and are spliced in after
+    [<|mmu|>] system [<|soi|>].
+    """
+    sys_ids = tok.encode(system_prompt)
+    ids = ([tok.special_ids["<|mmu|>"]] + sys_ids + [tok.special_ids["<|soi|>"], tok.special_ids["<|eoi|>"]]
+           + tok.encode(("USER: " + question + " ASSISTANT:").strip()))
+    B = clip_features.shape[0]
+    emb = model.showo.model.embed_tokens(torch.tensor(ids, device=clip_features.device)).expand(B, -1, -1)
+    feats = model.mm_projector(clip_features.to(emb.dtype))  # [B, F, D]
+    split = 2 + len(sys_ids)
+    x = torch.cat([emb[:, :split], feats, emb[:, split:]], dim=1)
+    mask = mmu_vit_attention_mask(x.shape[1], len(sys_ids), feats.shape[1], whole_prefix)
+    return x, mask.expand(B, -1, -1, -1)
+
+
+# ===========================================================================================================
+# MAGVIT-v2 (showlab/magvitv2): a taming-style conv encoder/decoder with a look-up-free quantiser.
+# pixels [B, 3, H, W] in [-1, 1] -> latent [B, bits, H/f, W/f] -> sign bits -> code = sum_c 2^(bits-1-c) [z_c > 0]
+# f = 2^(levels-1). Fully convolutional apart from one global attention per mid block, so the same weights serve
+# 256 px (16x16 codes) and 512 px (32x32).
+
+
+@dataclass
+class VQGANCoderConfig:
+    """Constructor arguments of the official VQGANEncoder/VQGANDecoder (defaults: the encoder's)."""
+    ch: int = 128
+    ch_mult: tuple = (1, 2, 2, 4, 4)
+    num_res_blocks: tuple = (4, 3, 4, 3, 4)
+    z_channels: int = 13            # = LFQ bits: 2^13 = 8192 codes
+    attn_resolutions: tuple = (5,)  # never reached at the real sizes: no attention in the down/up paths
+    resolution: int = 256           # only decides where attn_resolutions would apply
+    in_ch: int = 3
+    out_ch: int = 3
+
+
+@dataclass
+class MagvitConfig:
+    """The real magvitv2 config.json names no sizes (MAGVITv2() hard-codes them); test fixtures spell them out."""
+    encoder: VQGANCoderConfig = field(default_factory=VQGANCoderConfig)
+    decoder: VQGANCoderConfig = field(default_factory=lambda: VQGANCoderConfig(
+        ch_mult=(1, 1, 2, 2, 4), num_res_blocks=(4, 4, 3, 4, 3)))
+
+    @property
+    def bits(self): return self.encoder.z_channels
+
+    @classmethod
+    def from_json(cls, path):
+        raw = json.load(open(path))
+        known = {f.name for f in fields(VQGANCoderConfig)}
+        coder = lambda d, default: replace(default, **{k: tuple(v) if isinstance(v, list) else v
+                                                       for k, v in d.items() if k in known})
+        default = cls()
+        cfg = cls(coder(raw.get("encoder", {}), default.encoder), coder(raw.get("decoder", {}), default.decoder))
+        bits = raw.get("quantizer", {}).get("codebook_dim", cfg.bits)
+        if not cfg.decoder.z_channels == bits == cfg.bits or raw.get("encoder", {}).get("double_z"):
+            raise ValueError(f"{path}: z_channels and LFQ codebook_dim must agree; double_z is unsupported")
+        return cfg
+
+
+class MidBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.block_1, self.attn_1, self.block_2 = ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)
+
+    def forward(self, h):
+        return self.block_2(self.attn_1(self.block_1(h)))
+
+
+class VQGANEncoder(nn.Module):
+    """conv_in -> levels (downsample after all but the last) -> mid -> GN, swish, conv_out -> quant_conv (1x1)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv_in = nn.Conv2d(c.in_ch, c.ch, 3, padding=1)
+        in_mult, res = (1,) + tuple(c.ch_mult), c.resolution
+        self.down = nn.ModuleList()
+        for lvl, mult in enumerate(c.ch_mult):
+            level = conv_level(c.ch * in_mult[lvl], c.ch * mult, c.num_res_blocks[lvl], res in c.attn_resolutions, "block")
+            if lvl != len(c.ch_mult) - 1:
+                level.downsample, res = Downsample(c.ch * mult), res // 2
+            self.down.append(level)
+        top = c.ch * c.ch_mult[-1]
+        self.mid = MidBlock(top)
+        self.norm_out = group_norm(top)
+        self.conv_out = nn.Conv2d(top, c.z_channels, 3, padding=1)
+        self.quant_conv = nn.Conv2d(c.z_channels, c.z_channels, 1)
+
+    def forward(self, x):  # [B, 3, H, W] -> [B, z, H/f, W/f]
+        h = self.conv_in(x)
+        for level in self.down:
+            h = run_level(level, h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = self.conv_out(swish(self.norm_out(self.mid(h))))
+        return self.quant_conv(h)
+
+
+class VQGANDecoder(nn.Module):
+    """post_quant_conv (1x1) -> conv_in -> mid -> levels from coarsest to up.0 (upsample after all but level 0)
+    -> GN, swish, conv_out. Stored with up.0 as the full-resolution level."""
+
+    def __init__(self, c):
+        super().__init__()
+        n, cin = len(c.ch_mult), c.ch * c.ch_mult[-1]
+        res = c.resolution // 2 ** (n - 1)
+        self.conv_in = nn.Conv2d(c.z_channels, cin, 3, padding=1)
+        self.mid = MidBlock(cin)
+        up = []
+        for lvl in reversed(range(n)):
+            cout = c.ch * c.ch_mult[lvl]
+            level = conv_level(cin, cout, c.num_res_blocks[lvl], res in c.attn_resolutions, "block")
+            cin = cout
+            if lvl != 0:
+                level.upsample, res = Upsample(cin), res * 2
+            up.insert(0, level)
+        self.up = nn.ModuleList(up)
+        self.norm_out = group_norm(cin)
+        self.conv_out = nn.Conv2d(cin, c.out_ch, 3, padding=1)
+        self.post_quant_conv = nn.Conv2d(c.z_channels, c.z_channels, 1)
+
+    def forward(self, z):  # [B, z, h, w] -> [B, 3, h*f, w*f]
+        h = self.mid(self.conv_in(self.post_quant_conv(z)))
+        for level in reversed(self.up):
+            h = run_level(level, h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(swish(self.norm_out(h)))
+
+
+class LFQuantizer(nn.Module):
+    """Look-up-free quantisation: z_q = +1 where z > 0 else -1 per channel (straight-through);
+    index = sum_c power_vals[c] [z_q[c] > 0], channel 0 the most significant bit. Both buffers are in the checkpoint."""
+
+    def __init__(self, bits):
+        super().__init__()
+        shifts = torch.arange(bits - 1, -1, -1)
+        codes = torch.arange(2 ** bits)
+        self.register_buffer("embedding", ((codes[:, None] >> shifts) & 1).float() * 2 - 1)  # [K, bits] of +-1
+        self.register_buffer("power_vals", 2 ** shifts)  # [bits] int64: 2^(bits-1) .. 1
+
+    def forward(self, z):  # [B, bits, h, w] -> same, values +-1
+        z_q = torch.where(z > 0, torch.ones_like(z), -torch.ones_like(z))
+        return z + (z_q - z).detach()
+
+    def indices(self, z_q):  # [B, bits, h, w] -> [B, h*w] raster order (row * w + col)
+        return ((z_q > 0).long() * self.power_vals[:, None, None]).sum(1).flatten(1)
+
+    def get_codebook_entry(self, codes, shape=None):  # [B, n] -> [B, bits, h, w]; h = w = sqrt(n) unless given
+        h, w = shape if shape is not None else (int(math.sqrt(codes.shape[-1])),) * 2
+        return self.embedding[codes.reshape(-1)].view(codes.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
+
+
+class MagvitV2(nn.Module):
+    """MAGVIT-v2 image tokenizer: encode(pixels) -> codes [B, h*w]; decode_code(codes) -> pixels in ~[-1, 1]."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.encoder = VQGANEncoder(cfg.encoder)
+        self.decoder = VQGANDecoder(cfg.decoder)
+        self.quantize = LFQuantizer(cfg.bits)
+
+    def encode(self, pixels):
+        return self.quantize.indices(self.quantize(self.encoder(pixels)))
+
+    def decode_code(self, codes, shape=None):
+        return self.decoder(self.quantize.get_codebook_entry(codes, shape))
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None, config_name="config.json", weight_names=WEIGHT_NAMES):
+        """A MAGVIT-v2 folder: a config json (the real one is sizeless, so defaults apply) and its weights."""
+        config_file = os.path.join(path, config_name)
+        cfg = MagvitConfig.from_json(config_file) if os.path.isfile(config_file) else MagvitConfig()
+        sd = read_checkpoint(path, names=weight_names)
+        return load_strict(build_on_meta(cls, cfg), sd, dtype=dtype, device=device, where=path).eval()
+
+
+def showo_to_uint8(pixels):
+    """[B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3]: Show-o's order clamp((x+1)/2, 0, 1) * 255, then truncation."""
+    x = torch.clamp((pixels.detach().float() + 1.0) / 2.0, min=0.0, max=1.0) * 255.0
+    return x.permute(0, 2, 3, 1).to(torch.uint8)
 
 
 # -----------------------------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ replay backward of sum <G, y_soft>, which is exactly the straight-through gradie
 import torch
 import torch.nn.functional as F
 
-from generate import janus_generate, janus_image_logits, janus_image_logprobs
+from generate import cosine_schedule, janus_generate, janus_image_logits, janus_image_logprobs
+from model import IGNORE_ID
 from understand import janus_answer_logprobs, janus_pixels, self_check
 
 
@@ -122,3 +123,42 @@ def janus_end_to_end_backward(model, processor, prompts, tokens, questions, answ
     y_soft = torch.softmax((logits.float() + (0 if noise is None else noise)) / tau, dim=-1)
     (y_hard.grad * y_soft).sum().backward()
     return loss.detach()
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Show-o: the masked-token training loss, exactly as the official training computes it
+
+
+def mask_image_tokens(image_ids, mask_token_id, schedule=cosine_schedule, min_masking_rate=0.0):
+    """Training corruption (mask_or_random_replace_tokens, 'mask' branch) -> (input_ids, labels, mask_prob).
+
+    Per row: t ~ U(0, 1), k = round(N * schedule(t)) >= 1 (half-to-even), and position j is masked iff
+    argsort(u)[j] < k for fresh uniforms u. Labels keep the token where masked, -100 elsewhere.
+    RNG order: rand(B), then rand(B, N).
+    """
+    B, N = image_ids.shape
+    mask_prob = schedule(torch.rand(B, device=image_ids.device)).clip(min_masking_rate)
+    num_masked = (N * mask_prob).round().clamp(min=1)
+    masked = torch.rand(B, N, device=image_ids.device).argsort(dim=-1) < num_masked[:, None]
+    return (torch.where(masked, mask_token_id, image_ids), torch.where(masked, image_ids, IGNORE_ID), mask_prob)
+
+
+def showo_training_losses(model, input_ids, attention_mask, labels, batch_size_t2i, batch_size_lm, batch_size_mmu):
+    """One forward over [t2i rows; lm rows; mmu rows] -> (logits, loss_t2i, loss_lm, loss_mmu) as Showo.forward.
+
+    loss_t2i: unshifted CE over positions P.. (P = L - N - 2, the text block), full-vocabulary softmax; targets are
+              the masked image tokens plus <|soi|>/<|eoi|> as their own labels.
+    loss_lm, loss_mmu: next-token CE over their rows. Each is a mean over the non-ignored tokens of its sub-batch.
+    Train.py's total is 1.0 * t2i + 0.1 * lm + 1.0 * mmu.
+    """
+    logits = model(input_ids, attention_mask=attention_mask)  # [B, L, V]
+    V, P = logits.shape[-1], input_ids.shape[1] - model.config.num_vq_tokens - 2
+
+    def ce(lg, lb):  # an empty sub-batch gives 0 (the official slice [-0:] would silently take the whole batch)
+        return F.cross_entropy(lg.reshape(-1, V), lb.reshape(-1), ignore_index=IGNORE_ID) if lg.numel() else lg.sum()
+
+    b1, b2, b3 = batch_size_t2i, batch_size_lm, batch_size_mmu
+    loss_t2i = ce(logits[:b1, P:], labels[:b1, P:])
+    loss_lm = ce(logits[b1:b1 + b2, :-1], labels[b1:b1 + b2, 1:])
+    loss_mmu = ce(logits[b1 + b2:b1 + b2 + b3, :-1], labels[b1 + b2:b1 + b2 + b3, 1:])
+    return logits, loss_t2i, loss_lm, loss_mmu

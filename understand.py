@@ -13,9 +13,10 @@ import argparse
 import os
 
 import torch
+import torch.nn.functional as F
 
 import reward
-from model import KVCache, attention_bias, janus_inputs_embeds, load_janus
+from model import KVCache, attention_bias, janus_inputs_embeds, load_janus, mmu_attention_mask, mmu_prompt
 
 
 @torch.no_grad()
@@ -137,6 +138,66 @@ def self_check(model, processor, images, tasks, max_new_tokens=100, normalize=Fa
     rewards = torch.tensor([m / n if normalize else float(m) for m, n in matched])
     correct = torch.tensor([m == n for m, n in matched])
     return dict(answers=out["answers"], answer_ids=answer_ids, rewards=rewards, correct=correct)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Show-o: answers about discrete image tokens (a self-generated image is judged from its codes, no decode)
+
+
+def _grow_causal(mask):
+    """[B, 1, L, L] -> [B, 1, L+1, L+1]: old rows cannot see the new token (fp32-min, as mmu_generate writes it);
+    the new row copies the last row and sees itself."""
+    B, _, L, _ = mask.shape
+    blocked = torch.full((B, 1, L, 1), torch.finfo(torch.float32).min, dtype=mask.dtype, device=mask.device)
+    new_row = F.pad(mask[:, :, -1:, :], (0, 1), value=0.0)
+    return torch.cat([torch.cat([mask, blocked], dim=-1), new_row], dim=-2)
+
+
+@torch.no_grad()
+def showo_generate_text(model, input_ids, attention_mask, input_embeddings=None, max_new_tokens=100,
+                 temperature=1.0, top_k=None, eot_token=None, record=None):
+    """Autoregressive answer -> new ids [B, T] (eot included), as Showo.mmu_generate.
+
+    Every step re-runs the full sequence (no KV cache: bit-parity with the official loop), samples from the full
+    vocabulary with torch.multinomial on the global RNG (also under top_k=1), and stops once every row emitted eot.
+    Rows must share one length (batch 1 officially; identical text across a group works).
+    """
+    x = input_ids if input_embeddings is None else input_embeddings
+    mask = attention_mask if attention_mask.dim() == 4 else attention_mask[None, None]
+    mask = mask.expand(x.shape[0], 1, *mask.shape[-2:])
+    new, done = [], torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    for _ in range(max_new_tokens):
+        if input_embeddings is None:
+            logits = model(input_ids, attention_mask=mask)
+        else:
+            logits = model(input_embeddings=input_embeddings, attention_mask=mask)
+        if record is not None:
+            record.append(dict(last_logits=logits[:, -1].clone(), attention_mask=mask))
+        mask = _grow_causal(mask)
+        logits = logits[:, -1, :] / temperature  # [B, V]
+        if top_k is not None:
+            v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+            logits[logits < v[:, [-1]]] = -float("inf")
+        next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # [B, 1]
+        new.append(next_id)
+        if input_embeddings is None:
+            input_ids = torch.cat([input_ids, next_id], dim=1)
+        else:
+            input_embeddings = torch.cat([input_embeddings, model.showo.model.embed_tokens(next_id)], dim=1)
+        if eot_token is not None:
+            done |= next_id[:, 0] == eot_token
+            if done.all():
+                break
+    return torch.cat(new, dim=1)
+
+
+def showo_answer(model, tok, image_codes, question, max_new_tokens=100):
+    """Greedy answer (top-k 1, as inference_mmu.py) to one question about each image [B, N] -> B strings."""
+    ids = mmu_prompt(tok, image_codes, question)
+    eot = tok.special_ids["<|eot|>"]
+    out = showo_generate_text(model, ids, mmu_attention_mask(ids, tok.special_ids["<|eoi|>"]), max_new_tokens=max_new_tokens,
+                       top_k=1, eot_token=eot).tolist()
+    return [tok.decode(row[:row.index(eot) + 1] if eot in row else row) for row in out]  # rows stop at their eot
 
 
 def main():
