@@ -8,6 +8,9 @@ at every step
 and the chosen code is fed to both rows as gen_aligner(gen_embed[code]). The sampler keeps a preallocated KV cache,
 computes the text prefix once, and can return log pi(code_t | prefix) of every sampled code (GRPO needs them).
 
+Show-o: MaskGIT. All N image tokens start masked; each of T steps predicts every masked token at once, samples
+it, and re-masks the floor(N * cos(pi/2 * (s+1)/T)) least confident, with guidance (1 + g) l_cond - g l_uncond.
+
 Usage:
     python generate.py --model DIR --prompt "a photo of two cats" --n 16 --cfg 5 --seed 0 --out out/
 """
@@ -18,7 +21,7 @@ import os
 import torch
 from tqdm import tqdm
 
-from model import KVCache, attention_bias, load_janus, to_uint8
+from model import KVCache, attention_bias, load_model, to_uint8
 
 
 def left_pad(seqs, pad_id):
@@ -264,7 +267,8 @@ def mask_by_random_topk(mask_len, probs, temperature, generator=None):
 
 @torch.no_grad()
 def showo_maskgit(model, input_ids, uncond_input_ids=None, attention_mask=None, guidance_scale=0.0, temperature=1.0,
-                 timesteps=18, schedule=cosine_schedule, generator=None, record=None):
+                 timesteps=18, schedule=cosine_schedule, generator=None, record=None, return_logprobs=False,
+                 progress=False):
     """MaskGIT decoding of the N image tokens of t2i rows -> sampled codes [B, N] (0..K-1), as Showo.t2i_generate.
 
     Each step: logits over the codebook at image positions (CFG: (1+g) cond - g uncond from one batched forward;
@@ -272,7 +276,10 @@ def showo_maskgit(model, input_ids, uncond_input_ids=None, attention_mask=None, 
     keep known tokens, then re-mask the floor(N * schedule((s+1)/T)) least confident (log p + temperature * Gumbel,
     the temperature compounding as T0 prod(1 - ratio)). RNG per step: multinomial [B*N, K], then uniform [B, N].
     input_ids [B, L] is updated IN PLACE (as the official code does); clone it to keep it.
-    record: optional list that receives one dict of intermediate values per step (for tests).
+    record: optional list that receives one dict of intermediate values per step (tests; GRPO's trajectory replay).
+    return_logprobs: also return log p(code) [B, N] of every token at the step it was committed.
+    The head runs only at the N image positions and over the K codebook columns, which the official code slices
+    out of the full [B, L, V] logits anyway.
     """
     cfg = model.config
     N, M, V0 = cfg.num_vq_tokens, cfg.mask_token_id, cfg.image_offset
@@ -280,17 +287,18 @@ def showo_maskgit(model, input_ids, uncond_input_ids=None, attention_mask=None, 
     image = slice(P + 1, P + 1 + N)  # positions between <|soi|> and <|eoi|>
     current = input_ids[:, image].clone()
     current = torch.where(current == M, M, current - V0)  # [B, N] local codes, or M where unknown
-    for step in range(timesteps):
+    logprobs = torch.zeros(current.shape, device=input_ids.device)
+    for step in tqdm(range(timesteps), disable=not progress, desc="maskgit steps", leave=False):
         if uncond_input_ids is not None and guidance_scale > 0:
             uncond = torch.cat([uncond_input_ids[:, :P], input_ids[:, P:]], dim=1)
             model_input = torch.cat([input_ids, uncond])
-            cond_logits, uncond_logits = model(model_input, attention_mask=attention_mask).chunk(2)
+            hidden = model.hidden_states(model_input, attention_mask=attention_mask)[:, image]
+            cond_logits, uncond_logits = model.image_logits(hidden).chunk(2)
             logits = (1 + guidance_scale) * cond_logits - guidance_scale * uncond_logits  # MUSE form
         else:
             model_input = input_ids
-            logits = model(model_input, attention_mask=attention_mask)
-        logits = logits[:, image, V0:M]  # [B, N, K]: codebook columns only, mask column dropped
-        probs = logits.softmax(dim=-1)
+            logits = model.image_logits(model.hidden_states(model_input, attention_mask=attention_mask)[:, image])
+        probs = logits.softmax(dim=-1)  # [B, N, K]
         sampled = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(probs.shape[:-1])  # [B, N]
         unknown = current == M
         sampled = torch.where(unknown, sampled, current)
@@ -306,9 +314,51 @@ def showo_maskgit(model, input_ids, uncond_input_ids=None, attention_mask=None, 
         if record is not None:
             record.append(dict(model_input_ids=model_input.clone(), schedule_t=t, mask_ratio=mask_ratio,
                                mask_len=mask_len, temperature=temperature, masking=masking))
+        if return_logprobs:  # tokens revealed at this step keep the log-prob they were drawn with
+            logprobs = torch.where(unknown & ~masking, confidence.clamp(min=1e-30).log(), logprobs)
         input_ids[:, image] = torch.where(masking, M, sampled + V0)
         current = torch.where(masking, M, sampled)
-    return sampled
+    return (sampled, logprobs) if return_logprobs else sampled
+
+
+@torch.no_grad()
+def showo_generate(model, processor, prompts, n_per_prompt=1, guidance_scale=5.0, timesteps=50, temperature=1.0,
+                   generator=None, return_logprobs=False, decode=True, progress=False):
+    """Sample n_per_prompt images for every prompt with Show-o's MaskGIT (UniRL's eval: guidance 5, 50 steps).
+
+    Returns dict(tokens [B, N] codes, images [B, S, S, 3] uint8 if decode, logprobs [B, N] if asked).
+    """
+    from model import omni_attention_mask, t2i_prompt
+    cfg, tok = model.config, processor.tok
+    device = model.showo.lm_head.weight.device
+    texts = [p for p in prompts for _ in range(n_per_prompt)]
+    masked = torch.full((len(texts), cfg.num_vq_tokens), cfg.mask_token_id, dtype=torch.long, device=device)
+    ids = t2i_prompt(tok, texts, masked, processor.max_seq_length)
+    uncond = t2i_prompt(tok, [""] * len(texts), masked, processor.max_seq_length) if guidance_scale > 0 else None
+    rows = ids if uncond is None else torch.cat([ids, uncond])
+    mask = omni_attention_mask(rows, tok.pad_id, tok.special_ids["<|soi|>"], tok.special_ids["<|eoi|>"],
+                               rm_pad_in_image=True)
+    out = showo_maskgit(model, ids, uncond, mask, guidance_scale, temperature, timesteps, generator=generator,
+                        return_logprobs=return_logprobs, progress=progress)
+    tokens, logprobs = out if return_logprobs else (out, None)
+    result = dict(tokens=tokens)
+    if return_logprobs:
+        result["logprobs"] = logprobs
+    if decode:
+        result["images"] = processor.decode_images(tokens)
+    return result
+
+
+def sample_images(model, processor, prompts, n_per_prompt=1, cfg_weight=None, temperature=1.0, generator=None,
+                  return_logprobs=False, decode=True, progress=False, steps=None):
+    """Either family through one call: Janus (autoregressive + CFG) or Show-o (MaskGIT). cfg_weight None = the
+    family's default (Janus 5, Show-o 5); steps: Show-o's MaskGIT steps (default 50)."""
+    if hasattr(model, "showo"):
+        return showo_generate(model, processor, prompts, n_per_prompt, 5.0 if cfg_weight is None else cfg_weight,
+                              steps or 50, temperature, generator, return_logprobs, decode, progress)
+    return janus_generate(model, processor, prompts, n_per_prompt, 5.0 if cfg_weight is None else cfg_weight,
+                          temperature, generator=generator, return_logprobs=return_logprobs, decode=decode,
+                          progress=progress)
 
 
 def save_images(images, out_dir, grid_path=None):
@@ -332,26 +382,26 @@ def save_images(images, out_dir, grid_path=None):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="checkpoint folder (config.json, weights, tokenizer.json)")
+    ap.add_argument("--model", required=True, help="checkpoint folder (Janus / Janus-Pro or Show-o)")
+    ap.add_argument("--vq", help="Show-o only: the MAGVIT-v2 folder, if not inside --model")
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--n", type=int, default=4, help="images to sample")
-    ap.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance weight w")
+    ap.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance weight")
     ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--steps", type=int, default=50, help="Show-o MaskGIT steps")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="out/generate")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
-    if args.n < 1 or args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-        ap.error("need --n >= 1, --temperature > 0, 0 < --top-p <= 1, --top-k >= 0")
+    if args.n < 1 or args.temperature <= 0 or args.steps < 1:
+        ap.error("need --n >= 1, --temperature > 0, --steps >= 1")
     if not os.path.isdir(args.model):
         ap.error(f"--model {args.model!r} is not a folder")
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    model, processor = load_janus(args.model, device=args.device, dtype=dtype)
+    model, processor = load_model(args.model, device=args.device, dtype=dtype, vq_dir=args.vq)
     generator = torch.Generator(args.device).manual_seed(args.seed)
-    out = janus_generate(model, processor, [args.prompt], args.n, args.cfg, args.temperature, args.top_k, args.top_p,
-                         generator=generator, progress=True)
+    out = sample_images(model, processor, [args.prompt], args.n, args.cfg, args.temperature, generator,
+                        progress=True, steps=args.steps)
     paths = save_images(out["images"], args.out)
     print(f"wrote {len(paths)} images and grid.png to {args.out}")
 

@@ -1050,6 +1050,9 @@ class ShowOConfig:
     @property
     def mask_token_id(self): return self.vocab_size - 1  # the official constructor forces this, whatever the file says
 
+    @property
+    def n_kv_heads(self): return self.num_key_value_heads  # (KVCache reads these three)
+
     @classmethod
     def from_json(cls, path):
         raw = json.load(open(path))
@@ -1071,19 +1074,26 @@ def gelu_new(x):
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
-def rotary_cos_sin(cfg, seq_len):
+_rotary_tables = {}
+
+
+def rotary_cos_sin(cfg, seq_len, device="cpu", dtype=torch.float32):
     """cos/sin tables [L, rotary_dim] for positions 0..L-1 (padding included: positions are not pad-aware).
 
     Built exactly like Phi's cache (on CPU, fp32, max_position_embeddings rows, then sliced): another device,
-    dtype or length changes the last bits. Recomputed per forward because a module built on the meta device
-    cannot hold non-checkpoint buffers; it is ~65k elements.
+    dtype or length changes the last bits. Kept in a plain dict, not a buffer, because a module built on the meta
+    device cannot hold tensors the checkpoint does not carry.
     """
-    dim = cfg.rotary_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
-    t = torch.arange(max(seq_len, cfg.max_position_embeddings), dtype=torch.int64, device="cpu").type_as(inv_freq)
-    freqs = torch.outer(t, inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)  # [max_pos, rotary_dim]
-    return emb.cos()[:seq_len], emb.sin()[:seq_len]
+    n = max(seq_len, cfg.max_position_embeddings)
+    key = (cfg.rotary_dim, cfg.rope_theta, n, str(device), dtype)
+    if key not in _rotary_tables:
+        dim = cfg.rotary_dim
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        freqs = torch.outer(torch.arange(n, dtype=torch.int64).type_as(inv_freq), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)  # [n, rotary_dim]
+        _rotary_tables[key] = (emb.cos().to(device, dtype), emb.sin().to(device, dtype))
+    cos, sin = _rotary_tables[key]
+    return cos[:seq_len], sin[:seq_len]
 
 
 def apply_partial_rope(x, cos, sin):
@@ -1108,13 +1118,17 @@ class PhiAttention(nn.Module):
         self.q_layernorm = nn.LayerNorm(hd, eps=cfg.layer_norm_eps)  # Show-o forces qk_layernorm on
         self.k_layernorm = nn.LayerNorm(hd, eps=cfg.layer_norm_eps)
 
-    def forward(self, h, cos, sin, mask):
+    def forward(self, h, cos, sin, mask, kv=None, slots=None):
         B, L, _ = h.shape
         q = self.q_proj(h).view(B, L, -1, self.head_dim).transpose(1, 2)  # [B, H, L, hd]
         k = self.k_proj(h).view(B, L, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, L, hd]
         v = self.v_proj(h).view(B, L, -1, self.head_dim).transpose(1, 2)
         q, k = self.q_layernorm(q), self.k_layernorm(k)  # before RoPE, as in Show-o's phi.py
         q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
+        if kv is not None:  # static KV cache: write this call's keys at their slots, attend over the whole cache
+            kv[0].index_copy_(2, slots, k)
+            kv[1].index_copy_(2, slots, v)
+            k, v = kv
         if k.shape[1] != q.shape[1]:  # GQA (unused by Phi-1.5: 32/32 heads)
             k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and L > 1)
@@ -1140,9 +1154,9 @@ class PhiBlock(nn.Module):
         self.mlp = PhiMLP(cfg)
         self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, kv=None, slots=None):
         h = self.input_layernorm(x)
-        return self.self_attn(h, cos, sin, mask) + self.mlp(h) + x
+        return self.self_attn(h, cos, sin, mask, kv, slots) + self.mlp(h) + x
 
 
 class ShowO(nn.Module):
@@ -1165,15 +1179,33 @@ class ShowO(nn.Module):
         if cfg.w_clip_vit:  # CLIP penultimate-layer features [B, 576, 1024] -> LLM embeddings
             self.mm_projector = nn.Sequential(nn.Linear(cfg.clip_hidden_size, D), nn.GELU(), nn.Linear(D, D))
 
-    def forward(self, input_ids=None, attention_mask=None, input_embeddings=None):
+    def forward(self, input_ids=None, attention_mask=None, input_embeddings=None, cache=None, slots=None):
+        """-> fp32 logits [B, L, V] over the joint vocabulary."""
+        return self.showo.lm_head(self.hidden_states(input_ids, attention_mask, input_embeddings, cache, slots)).float()
+
+    def hidden_states(self, input_ids=None, attention_mask=None, input_embeddings=None, cache=None, slots=None):
+        """Final-LayerNorm hidden states [B, L, D]. With a KVCache, `slots` [L] are the positions (and cache
+        slots) of these L tokens and attention_mask covers the whole cache ([B, 1, L, S])."""
         phi = self.showo.model
         x = phi.embed_tokens(input_ids) if input_embeddings is None else input_embeddings  # [B, L, D]
-        cos, sin = (t.to(x.device, x.dtype) for t in rotary_cos_sin(self.config, x.shape[1]))
+        if slots is None:
+            cos, sin = rotary_cos_sin(self.config, x.shape[1], x.device, x.dtype)
+        else:
+            cos, sin = (t[slots] for t in rotary_cos_sin(self.config, int(slots.max()) + 1, x.device, x.dtype))
         if attention_mask is not None:  # SDPA wants the mask in the compute dtype (-9e18 / -3e38 become -inf in bf16)
             attention_mask = attention_mask.to(x.device, x.dtype)
-        for layer in phi.layers:
-            x = layer(x, cos, sin, attention_mask)
-        return self.showo.lm_head(phi.final_layernorm(x)).float()  # [B, L, V]
+        for i, layer in enumerate(phi.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            x = layer(x, cos, sin, attention_mask, kv, slots)
+        return phi.final_layernorm(x)
+
+    def image_logits(self, hidden):
+        """Logits over the codebook columns only (what MaskGIT samples from): [.., K] in fp32. Skipping the text
+        columns saves ~85% of the head at 512 px."""
+        c = self.config
+        head = self.showo.lm_head
+        cols = slice(c.image_offset, c.image_offset + c.codebook_size)
+        return F.linear(hidden, head.weight[cols], head.bias[cols]).float()
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None):
@@ -1549,6 +1581,64 @@ def showo_to_uint8(pixels):
     """[B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3]: Show-o's order clamp((x+1)/2, 0, 1) * 255, then truncation."""
     x = torch.clamp((pixels.detach().float() + 1.0) / 2.0, min=0.0, max=1.0) * 255.0
     return x.permute(0, 2, 3, 1).to(torch.uint8)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Loading either family
+
+
+class ShowOProcessor:
+    """Show-o's text side (ShowOTokenizer) and image side (MAGVIT-v2), plus the text budget of t2i prompts."""
+
+    def __init__(self, tok, vq, max_seq_length):
+        self.tok, self.vq, self.max_seq_length = tok, vq, max_seq_length
+
+    @torch.no_grad()
+    def decode_images(self, codes):
+        """codes [B, N] -> uint8 [B, S, S, 3] (Show-o's post-processing)."""
+        return showo_to_uint8(self.vq.decode_code(codes.clamp(0, 2 ** self.vq.config.bits - 1)))
+
+    @torch.no_grad()
+    def encode_image(self, image, num_tokens):
+        """PIL image -> MAGVIT codes [1, num_tokens]: Show-o's image_transform (bicubic resize of the short side,
+        centre crop, (x - 0.5) / 0.5). Written from the official transform; no fixture checks this step."""
+        side = math.isqrt(num_tokens) * 2 ** (len(self.vq.config.encoder.ch_mult) - 1)
+        image = image.convert("RGB")
+        scale = side / min(image.size)
+        image = image.resize((max(side, round(image.width * scale)), max(side, round(image.height * scale))),
+                             Image.BICUBIC)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+        x = torch.from_numpy(np.asarray(image).astype(np.float32) / 255).permute(2, 0, 1)[None]
+        weight = next(self.vq.parameters())
+        return self.vq.encode(((x - 0.5) / 0.5).to(weight.device, weight.dtype))
+
+
+def load_showo(ckpt_dir, device=None, dtype=None, vq_dir=None, max_seq_length=None):
+    """-> (ShowO, ShowOProcessor). MAGVIT-v2 comes from vq_dir, or from the same folder when it holds
+    magvit.safetensors + magvit_config.json (the fixture layout); the real one is its own repo (showlab/magvitv2)."""
+    model = ShowO.from_pretrained(ckpt_dir, device=device, dtype=dtype)
+    if vq_dir is None and os.path.isfile(os.path.join(ckpt_dir, "magvit_config.json")):
+        vq = MagvitV2.from_pretrained(ckpt_dir, device=device, config_name="magvit_config.json", weight_names=("magvit",))
+    elif vq_dir is not None:
+        vq = MagvitV2.from_pretrained(vq_dir, device=device)
+    else:
+        raise FileNotFoundError(f"{ckpt_dir} holds no MAGVIT-v2 (magvit_config.json + magvit.safetensors); "
+                                "pass the MAGVIT-v2 folder (showlab/magvitv2) as vq_dir / --vq")
+    return model, ShowOProcessor(ShowOTokenizer(ckpt_dir), vq.eval(), max_seq_length or model.config.max_seq_length)
+
+
+def load_model(ckpt_dir, device=None, dtype=None, vq_dir=None):
+    """(model, processor) of a Janus or Show-o checkpoint folder, told apart by its config.json."""
+    path = os.path.join(ckpt_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config.json in {ckpt_dir}: not a checkpoint folder")
+    cfg = json.load(open(path))
+    if cfg.get("model_type") in ("multi_modality", "janus"):
+        return load_janus(ckpt_dir, device, dtype)
+    if "num_vq_tokens" in cfg or cfg.get("_class_name") == "Showo":
+        return load_showo(ckpt_dir, device, dtype, vq_dir)
+    raise ValueError(f"{path}: neither a Janus (model_type multi_modality/janus) nor a Show-o config")
 
 
 # -----------------------------------------------------------------------------------------------------------

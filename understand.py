@@ -6,6 +6,9 @@ aligner(ViT(pixels)), then the LLM decodes an answer token by token with a KV ca
     a_t = argmax_v p(v | image, question, a_<t)      (greedy; or sampled with a temperature)
 stopping at end-of-sequence. Optionally returns log p(a_t | ...) for every answer token.
 
+Show-o reads discrete image tokens: [<|mmu|>, <|soi|>] codes [<|eoi|>, <|sot|>] "USER: \n{q} ASSISTANT:", attends
+bidirectionally over that prefix and causally after it, so a self-generated image is judged from its own codes.
+
 Usage:
     python understand.py --model DIR --image x.png --question "How many items in this image?"
 """
@@ -16,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import reward
-from model import KVCache, attention_bias, janus_inputs_embeds, load_janus, mmu_attention_mask, mmu_prompt
+from model import KVCache, attention_bias, janus_inputs_embeds, load_model, mmu_attention_mask, mmu_prompt
 
 
 @torch.no_grad()
@@ -124,16 +127,29 @@ def janus_answer_logprobs(model, processor, pixels, questions, answers, detach_i
     return logp.gather(2, ids[..., None])[..., 0] * mask, mask
 
 
-def self_check(model, processor, images, tasks, max_new_tokens=100, normalize=False):
+def answer(model, processor, questions, images=None, tokens=None, max_new_tokens=100, temperature=0.0,
+           generator=None, return_logprobs=False):
+    """Either family: Janus reads images (uint8 [B, S, S, 3] or PIL), Show-o reads image tokens [B, N]."""
+    if hasattr(model, "showo"):
+        return showo_answer(model, processor, tokens, questions, max_new_tokens, temperature, generator,
+                            return_logprobs)
+    return janus_answer(model, processor, images, questions, max_new_tokens, temperature, generator, return_logprobs)
+
+
+def self_check(model, processor, images, tasks, max_new_tokens=100, normalize=False, tokens=None):
     """UniRL's judge: the model answers each task's question about its own image, the answer is scored slot by slot.
 
-    images: uint8 [B, S, S, 3] (or PIL); tasks: B task dicts (reward.py format). Greedy answers, as the official
-    evaluation. Returns dict(answers, answer_ids (decoded ids up to and including EOS), rewards [B] float
-    (matched slots, or their fraction if normalize), correct [B] bool).
+    tasks: B task dicts (reward.py format); images (Janus; None for Show-o) or tokens (Show-o) as in answer(). Greedy
+    answers, as
+    the official evaluation. Returns dict(answers, answer_ids (decoded ids up to and including EOS/EOT), rewards [B]
+    float (matched slots, or their fraction if normalize), correct [B] bool).
     """
-    out = janus_answer(model, processor, images, [t["question"] for t in tasks], max_new_tokens)
-    eos = processor.ids["eos"]
-    answer_ids = [row[:row.index(eos) + 1] if eos in row else row for row in out["ids"].tolist()]
+    out = answer(model, processor, [t["question"] for t in tasks], images, tokens, max_new_tokens)
+    if hasattr(model, "showo"):
+        answer_ids = out["ids"]
+    else:
+        eos = processor.ids["eos"]
+        answer_ids = [row[:row.index(eos) + 1] if eos in row else row for row in out["ids"].tolist()]
     matched = [reward.slots(a, t) for a, t in zip(out["answers"], tasks)]
     rewards = torch.tensor([m / n if normalize else float(m) for m, n in matched])
     correct = torch.tensor([m == n for m, n in matched])
@@ -144,65 +160,110 @@ def self_check(model, processor, images, tasks, max_new_tokens=100, normalize=Fa
 # Show-o: answers about discrete image tokens (a self-generated image is judged from its codes, no decode)
 
 
-def _grow_causal(mask):
-    """[B, 1, L, L] -> [B, 1, L+1, L+1]: old rows cannot see the new token (fp32-min, as mmu_generate writes it);
-    the new row copies the last row and sees itself."""
-    B, _, L, _ = mask.shape
-    blocked = torch.full((B, 1, L, 1), torch.finfo(torch.float32).min, dtype=mask.dtype, device=mask.device)
-    new_row = F.pad(mask[:, :, -1:, :], (0, 1), value=0.0)
-    return torch.cat([torch.cat([mask, blocked], dim=-1), new_row], dim=-2)
-
-
 @torch.no_grad()
 def showo_generate_text(model, input_ids, attention_mask, input_embeddings=None, max_new_tokens=100,
-                 temperature=1.0, top_k=None, eot_token=None, record=None):
-    """Autoregressive answer -> new ids [B, T] (eot included), as Showo.mmu_generate.
+                        temperature=1.0, top_k=None, eot_token=None, generator=None, return_logprobs=False,
+                        record=None):
+    """Autoregressive answer -> new ids [B, T] (eot included), Showo.mmu_generate's semantics with a KV cache.
 
-    Every step re-runs the full sequence (no KV cache: bit-parity with the official loop), samples from the full
-    vocabulary with torch.multinomial on the global RNG (also under top_k=1), and stops once every row emitted eot.
-    Rows must share one length (batch 1 officially; identical text across a group works).
+    The prompt is prefilled once under its MMU mask ([B, 1, L, L]: bidirectional over the image prefix, causal
+    after it); each new token sees every earlier one, which is the last row of the official grown mask. Sampling
+    is torch.multinomial over the full vocabulary, also under top_k=1 (the official greedy), and the loop stops
+    once every row emitted eot. Rows must share one length: Show-o's positions are not pad-aware.
+    With return_logprobs, returns (ids, logprobs [B, T]) of the drawn tokens under the tempered, top-k policy.
     """
-    x = input_ids if input_embeddings is None else input_embeddings
+    x = model.showo.model.embed_tokens(input_ids) if input_embeddings is None else input_embeddings
+    B, L, _ = x.shape
+    S = L + max_new_tokens
     mask = attention_mask if attention_mask.dim() == 4 else attention_mask[None, None]
-    mask = mask.expand(x.shape[0], 1, *mask.shape[-2:])
-    new, done = [], torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    for _ in range(max_new_tokens):
-        if input_embeddings is None:
-            logits = model(input_ids, attention_mask=mask)
-        else:
-            logits = model(input_embeddings=input_embeddings, attention_mask=mask)
+    mask = mask.expand(B, 1, L, L).to(x.dtype)
+    prefill = torch.cat([mask, torch.full((B, 1, L, S - L), torch.finfo(x.dtype).min, dtype=x.dtype,
+                                          device=x.device)], dim=-1)  # the cache's empty tail is never seen
+    cache = KVCache(model.config, B, S, x.dtype, x.device)
+    hidden = model.hidden_states(input_embeddings=x, attention_mask=prefill, cache=cache,
+                                 slots=torch.arange(L, device=x.device))[:, -1]
+    everything = torch.ones(B, S, dtype=torch.bool, device=x.device)
+    new, logps = [], []
+    done = torch.zeros(B, dtype=torch.bool, device=x.device)
+    for t in range(max_new_tokens):
+        logits = model.showo.lm_head(hidden).float()  # [B, V]
         if record is not None:
-            record.append(dict(last_logits=logits[:, -1].clone(), attention_mask=mask))
-        mask = _grow_causal(mask)
-        logits = logits[:, -1, :] / temperature  # [B, V]
+            record.append(dict(last_logits=logits.clone()))
+        logits = logits / temperature
         if top_k is not None:
             v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-            logits[logits < v[:, [-1]]] = -float("inf")
-        next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # [B, 1]
+            logits = logits.masked_fill(logits < v[:, [-1]], -float("inf"))
+        next_id = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]  # [B]
         new.append(next_id)
-        if input_embeddings is None:
-            input_ids = torch.cat([input_ids, next_id], dim=1)
-        else:
-            input_embeddings = torch.cat([input_embeddings, model.showo.model.embed_tokens(next_id)], dim=1)
+        if return_logprobs:
+            logps.append(torch.log_softmax(logits, -1).gather(1, next_id[:, None])[:, 0])
         if eot_token is not None:
-            done |= next_id[:, 0] == eot_token
+            done |= next_id == eot_token
             if done.all():
                 break
-    return torch.cat(new, dim=1)
+        if t == max_new_tokens - 1:
+            break
+        slot = torch.full((1,), L + t, device=x.device, dtype=torch.long)
+        hidden = model.hidden_states(next_id[:, None], attention_bias(everything, slot, x.dtype), cache=cache,
+                                     slots=slot)[:, -1]
+    ids = torch.stack(new, dim=1)
+    return (ids, torch.stack(logps, dim=1)) if return_logprobs else ids
 
 
-def showo_answer(model, tok, image_codes, question, max_new_tokens=100):
-    """Greedy answer (top-k 1, as inference_mmu.py) to one question about each image [B, N] -> B strings."""
-    ids = mmu_prompt(tok, image_codes, question)
-    eot = tok.special_ids["<|eot|>"]
-    out = showo_generate_text(model, ids, mmu_attention_mask(ids, tok.special_ids["<|eoi|>"]), max_new_tokens=max_new_tokens,
-                       top_k=1, eot_token=eot).tolist()
-    return [tok.decode(row[:row.index(eot) + 1] if eot in row else row) for row in out]  # rows stop at their eot
+def showo_answer(model, processor, codes, questions, max_new_tokens=100, temperature=0.0, generator=None,
+                 return_logprobs=False):
+    """Answers about images given as MAGVIT codes [B, N] (a self-generated image is judged from its own tokens,
+    no decode / re-encode). Greedy = the official top-k 1; temperature > 0 samples. Rows with the same question
+    are decoded together. Returns dict(answers, ids (up to and including eot), [logprobs: list of [n_i] tensors]).
+    """
+    tok = processor.tok
+    eot, eoi = tok.special_ids["<|eot|>"], tok.special_ids["<|eoi|>"]
+    answers, ids_out, lps = [None] * len(questions), [None] * len(questions), [None] * len(questions)
+    for question in dict.fromkeys(questions):
+        rows = [i for i, q in enumerate(questions) if q == question]
+        prompt = mmu_prompt(tok, codes[rows], question)
+        out = showo_generate_text(model, prompt, mmu_attention_mask(prompt, eoi), max_new_tokens=max_new_tokens,
+                                  temperature=temperature if temperature > 0 else 1.0,
+                                  top_k=None if temperature > 0 else 1, eot_token=eot, generator=generator,
+                                  return_logprobs=return_logprobs)
+        ids, logp = out if return_logprobs else (out, None)
+        for j, i in enumerate(rows):
+            row = ids[j].tolist()
+            row = row[:row.index(eot) + 1] if eot in row else row
+            answers[i], ids_out[i] = tok.decode(row).strip(), row
+            if return_logprobs:
+                lps[i] = logp[j, :len(row)]
+    out = dict(answers=answers, ids=ids_out)
+    if return_logprobs:
+        out["logprobs"] = lps
+    return out
+
+
+def showo_answer_logprobs(model, processor, codes, questions, answers):
+    """Teacher-forced log p(a_t | image codes, q, a_<t) [B, M] and mask [B, M], for answers given as id lists
+    (the model's own, eot included) or strings (" " + answer, then eot). One forward per distinct question."""
+    tok = processor.tok
+    eot, eoi = tok.special_ids["<|eot|>"], tok.special_ids["<|eoi|>"]
+    targets = [list(a) if not isinstance(a, str) else tok.encode(" " + a.strip()) + [eot] for a in answers]
+    M = max(map(len, targets))
+    device = codes.device
+    logprobs = torch.zeros(len(targets), M, device=device)
+    mask = torch.zeros(len(targets), M, dtype=torch.bool, device=device)
+    for question in dict.fromkeys(questions):
+        for i in [i for i, q in enumerate(questions) if q == question]:  # rows differ in answer length
+            prompt = mmu_prompt(tok, codes[i:i + 1], question)
+            seq = torch.cat([prompt, torch.tensor([targets[i]], device=device)], dim=1)
+            logits = model(seq, attention_mask=mmu_attention_mask(seq, eoi))[0, prompt.shape[1] - 1:-1]
+            n = len(targets[i])
+            logprobs[i, :n] = torch.log_softmax(logits, -1).gather(1, seq[0, prompt.shape[1]:, None])[:, 0]
+            mask[i, :n] = True
+    return logprobs, mask
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="checkpoint folder")
+    ap.add_argument("--model", required=True, help="checkpoint folder (Janus / Janus-Pro or Show-o)")
+    ap.add_argument("--vq", help="Show-o only: the MAGVIT-v2 folder, if not inside --model")
     ap.add_argument("--image", required=True, nargs="+", help="one or more image files")
     ap.add_argument("--question", required=True)
     ap.add_argument("--max-new-tokens", type=int, default=100)
@@ -215,11 +276,14 @@ def main():
             ap.error(f"--image {path!r} does not exist")
     from PIL import Image
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    model, processor = load_janus(args.model, device=args.device, dtype=dtype)
-    out = janus_answer(model, processor, [Image.open(p) for p in args.image], [args.question] * len(args.image),
-                       args.max_new_tokens)
-    for path, answer in zip(args.image, out["answers"]):
-        print(f"{path}: {answer}")
+    model, processor = load_model(args.model, device=args.device, dtype=dtype, vq_dir=args.vq)
+    images = [Image.open(p) for p in args.image]
+    tokens = None
+    if hasattr(model, "showo"):  # Show-o understands MAGVIT tokens: encode the pictures first
+        tokens = torch.cat([processor.encode_image(im, model.config.num_vq_tokens) for im in images])
+    out = answer(model, processor, [args.question] * len(images), images, tokens, args.max_new_tokens)
+    for path, text in zip(args.image, out["answers"]):
+        print(f"{path}: {text}")
 
 
 if __name__ == "__main__":

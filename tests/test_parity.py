@@ -445,8 +445,11 @@ def test_showo_mmu_generate_greedy(folder):
                              eot_token=eot, record=record)
     same("mmu_gen.ids", ids[0], c["mmu_gen.ids"])
     close("mmu_gen.step_last_logits", torch.cat([r["last_logits"] for r in record]), c["mmu_gen.step_last_logits"])
-    same_bits("mmu_gen.last_step_attention_mask", record[-1]["attention_mask"][0, 0],
-              c["mmu_gen.last_step_attention_mask"])
+    # the official loop re-runs the whole sequence under a mask grown by one row and column per step; its last
+    # row sees every column, which is exactly what one cached decode step attends to
+    grown = official_grown_mask(c["mmu.attention_mask"], len(record) - 1)
+    same_bits("mmu_gen.last_step_attention_mask", grown[0, 0], c["mmu_gen.last_step_attention_mask"])
+    assert (grown[0, 0, -1] == 0).all()
 
     torch.manual_seed(meta["seed"])  # the same answer through the embeddings path (show-o-w-clip-vit's route)
     embeddings = f.model.showo.model.embed_tokens(c["mmu.input_ids"])
@@ -455,8 +458,21 @@ def test_showo_mmu_generate_greedy(folder):
         eot_token=eot)[0], c["mmu_gen.ids"])
 
     torch.manual_seed(meta["seed"])  # end to end: prompt, mask, greedy loop, decode
-    answer = understand.showo_answer(f.model, f.tok, c["vq_encode.codes"][:1], meta["mmu_question"], max_new_tokens=n)
-    assert answer == [f.tok.decode(c["mmu_gen.ids"].tolist())]
+    processor = model.ShowOProcessor(f.tok, f.vq, f.cfg.max_seq_length)
+    answer = understand.showo_answer(f.model, processor, c["vq_encode.codes"][:1], [meta["mmu_question"]],
+                                     max_new_tokens=n)["answers"]
+    assert answer == [f.tok.decode(c["mmu_gen.ids"].tolist()).strip()]
+
+
+def official_grown_mask(mask, steps):
+    """Showo.mmu_generate's mask after `steps` appended tokens: old rows get a blocked column (fp32 min), the new
+    row copies the last row and sees itself."""
+    for _ in range(steps):
+        B, _, L, _ = mask.shape
+        blocked = torch.full((B, 1, L, 1), torch.finfo(torch.float32).min)
+        new_row = torch.nn.functional.pad(mask[:, :, -1:, :], (0, 1), value=0.0)
+        mask = torch.cat([torch.cat([mask, blocked], dim=-1), new_row], dim=-2)
+    return mask
 
 
 @showo_dirs
