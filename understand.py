@@ -139,10 +139,9 @@ def answer(model, processor, questions, images=None, tokens=None, max_new_tokens
 def self_check(model, processor, images, tasks, max_new_tokens=100, normalize=False, tokens=None):
     """UniRL's judge: the model answers each task's question about its own image, the answer is scored slot by slot.
 
-    tasks: B task dicts (reward.py format); images (Janus; None for Show-o) or tokens (Show-o) as in answer(). Greedy
-    answers, as
-    the official evaluation. Returns dict(answers, answer_ids (decoded ids up to and including EOS/EOT), rewards [B]
-    float (matched slots, or their fraction if normalize), correct [B] bool).
+    tasks: B task dicts (reward.py format); images (Janus; None for Show-o) or tokens (Show-o) as in answer().
+    Greedy answers, as the official evaluation. Returns dict(answers, answer_ids (decoded ids up to and including
+    EOS/EOT), rewards [B] float (matched slots, or their fraction if normalize), correct [B] bool).
     """
     out = answer(model, processor, [t["question"] for t in tasks], images, tokens, max_new_tokens)
     if hasattr(model, "showo"):
