@@ -377,43 +377,40 @@ def print_summary(s):
 
 
 def generate_images(model_dir, metadata_path, outdir, n=4, batch=16, seed=0, cfg_weight=5.0, temperature=1.0,
-                    device=None):
-    """OUT/<index:05d>/{metadata.jsonl, samples/<k:05d>.png, grid.png} for every prompt of a metadata jsonl.
+                    steps=50, device=None, vq_dir=None):
+    """OUT/<index:05d>/{metadata.jsonl, samples/<k:05d>.png, grid.png, codes.npy} for every prompt of a metadata
+    jsonl (codes.npy: the image tokens, so Show-o's self-check reads its own tokens; GenEval ignores the file).
 
     Resumable: a prompt whose n samples exist is skipped. Each prompt's images are seeded by (seed, index), so a
     resumed or re-batched run writes the same images. The sampling recipe goes to OUT/config.json.
     """
     import torch
-    from generate import janus_generate, save_images
-    from model import load_janus
+    from generate import sample_images, save_images
+    from model import load_model
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     rows = [json.loads(line) for line in open(metadata_path) if line.strip()]
     os.makedirs(outdir, exist_ok=True)
     config = dict(model=os.path.abspath(model_dir), metadata=os.path.abspath(metadata_path), images_per_prompt=n,
-                  cfg_weight=cfg_weight, temperature=temperature, seed=seed,
-                  seed_policy="torch.Generator seeded with seed * 100003 + prompt index, per prompt",
-                  sampler="janus_generate (multinomial eager / exponential race compiled)")
+                  cfg_weight=cfg_weight, temperature=temperature, showo_steps=steps, seed=seed,
+                  seed_policy="torch.Generator seeded with seed * 100003 + prompt index, per prompt")
     json.dump(config, open(os.path.join(outdir, "config.json"), "w"), indent=1)
-    todo = [i for i in range(len(rows))
-            if len(glob_samples(os.path.join(outdir, f"{i:05d}", "samples"))) < n]
+    todo = [i for i in range(len(rows)) if len(glob_samples(os.path.join(outdir, f"{i:05d}", "samples"))) < n]
     if not todo:
         return 0
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    model, processor = load_janus(model_dir, device=device, dtype=dtype)
-    per_call = max(1, batch // n)  # prompts per sampler call
-    for start in tqdm(range(0, len(todo), per_call), desc="geneval prompts", unit="batch"):
-        chunk = todo[start:start + per_call]
-        images = []
-        for i in chunk:  # per-prompt generator: the images do not depend on the batching
-            g = torch.Generator(device).manual_seed(seed * 100003 + i)
-            images.append(janus_generate(model, processor, [rows[i]["prompt"]], n, cfg_weight, temperature,
-                                         generator=g)["images"])
-        for i, imgs in zip(chunk, images):
-            folder = os.path.join(outdir, f"{i:05d}")
-            os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
-            with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
-                f.write(json.dumps(rows[i]) + "\n")  # exactly one JSON object, as the evaluator loads it
-            save_images(imgs, os.path.join(folder, "samples"), os.path.join(folder, "grid.png"))
+    model, processor = load_model(model_dir, device=device, dtype=dtype, vq_dir=vq_dir)
+    for i in tqdm(todo, desc="geneval prompts"):
+        # each prompt has its own generator, so its images depend neither on the batching nor on what ran before
+        g = torch.Generator(device).manual_seed(seed * 100003 + i)
+        chunks = [sample_images(model, processor, [rows[i]["prompt"]], min(batch, n - k), cfg_weight, temperature, g,
+                                steps=steps) for k in range(0, n, batch)]
+        out = {key: torch.cat([c[key] for c in chunks]) for key in ("tokens", "images")}
+        folder = os.path.join(outdir, f"{i:05d}")
+        os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
+        with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
+            f.write(json.dumps(rows[i]) + "\n")  # exactly one JSON object, as the evaluator loads it
+        np.save(os.path.join(folder, "codes.npy"), out["tokens"].cpu().numpy())
+        save_images(out["images"], os.path.join(folder, "samples"), os.path.join(folder, "grid.png"))
     return len(todo)
 
 
@@ -422,7 +419,7 @@ def glob_samples(folder):
 
 
 def self_check_folder(model_dir, imagedir, qa_path, results_path=None, reference_dir=None, reference_results=None,
-                      device=None, max_new_tokens=100):
+                      device=None, max_new_tokens=100, vq_dir=None):
     """UniRL's consistency metrics over a generated GenEval folder (method.md section 9.2).
 
     selfcheck      share of images the model itself judges correct (reward.is_correct on its greedy answer)
@@ -434,20 +431,32 @@ def self_check_folder(model_dir, imagedir, qa_path, results_path=None, reference
     """
     import torch
     import reward
-    from model import load_janus
+    from model import load_model
     from understand import self_check
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     qa = reward.load_tasks(qa_path)
-    model, processor = load_janus(model_dir, device=device,
+    model, processor = load_model(model_dir, device=device, vq_dir=vq_dir,
                                   dtype=torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    showo = hasattr(model, "showo")
+
+    def image_tokens(path):
+        """Show-o judges image tokens: the saved codes of its own samples, else the PNG encoded by MAGVIT-v2."""
+        codes = os.path.join(os.path.dirname(os.path.dirname(path)), "codes.npy")
+        k = int(re.match(r"\d+", os.path.basename(path))[0])
+        if os.path.isfile(codes) and k < len(np.load(codes)):
+            return torch.from_numpy(np.load(codes)[k:k + 1]).to(device)
+        return processor.encode_image(Image.open(path), model.config.num_vq_tokens)
 
     def judge_folder(folder):
         verdicts = {}
         for path, meta in tqdm(find_samples(folder), desc=f"selfcheck {os.path.basename(folder)}"):
             index = int(os.path.basename(os.path.dirname(os.path.dirname(path))))
             task = qa[index]
-            image = np.asarray(Image.open(path).convert("RGB"))
-            out = self_check(model, processor, [image], [task], max_new_tokens)
+            if showo:
+                out = self_check(model, processor, None, [task], max_new_tokens, tokens=image_tokens(path))
+            else:
+                out = self_check(model, processor, [np.asarray(Image.open(path).convert("RGB"))], [task],
+                                 max_new_tokens)
             verdicts[os.path.relpath(path, folder)] = dict(index=index, tag=task["tag"], answer=out["answers"][0],
                                                            correct=bool(out["correct"][0]))
         return verdicts
@@ -499,6 +508,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cfg", type=float, default=5.0)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--steps", type=int, default=50, help="Show-o MaskGIT steps (UniRL's eval: 50)")
+    p.add_argument("--vq", help="Show-o only: the MAGVIT-v2 folder, if not inside --model")
 
     p = commands.add_parser("score", help="judge every image of an OUT folder in the official layout")
     p.add_argument("--imagedir", required=True, help="OUT/<index>/{metadata.jsonl, samples/<k>.png}")
@@ -519,6 +530,7 @@ def main(argv=None):
     p.add_argument("--results", help="results.jsonl of `score` on --imagedir (enables Acc(MMU|T2I))")
     p.add_argument("--reference-dir", help="GenEval folder of ANOTHER checkpoint, for Acc(T2I|MMU)")
     p.add_argument("--reference-results", help="results.jsonl of --reference-dir")
+    p.add_argument("--vq", help="Show-o only: the MAGVIT-v2 folder, if not inside --model")
 
     args = parser.parse_args(argv)
     if args.command == "score":
@@ -532,11 +544,11 @@ def main(argv=None):
         if not os.path.isdir(args.model):
             sys.exit(f"--model {args.model!r} is not a folder")
         done = generate_images(args.model, args.metadata, args.outdir, args.n, args.batch, args.seed, args.cfg,
-                               args.temperature)
+                               args.temperature, args.steps, vq_dir=args.vq)
         print(f"generated {done} prompt folders in {args.outdir} (the others were already complete)")
     elif args.command == "selfcheck":
         out = self_check_folder(args.model, args.imagedir, args.metadata, args.results, args.reference_dir,
-                                args.reference_results)
+                                args.reference_results, vq_dir=args.vq)
         for name, value in out.items():
             print(f"{name}: {json.dumps(value) if isinstance(value, dict) else f'{value:.4f}'}")
     elif args.command == "summary":

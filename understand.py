@@ -79,7 +79,7 @@ def janus_answer(model, processor, images, questions, max_new_tokens=100, temper
                  return_logprobs=False):
     """One question per image (PIL images or uint8 [H, W, 3] arrays). Returns dict(answers, ids[, logprobs])."""
     from PIL import Image
-    images = [im if isinstance(im, Image.Image) else Image.fromarray(torch.as_tensor(im).cpu().numpy())
+    images = [im if isinstance(im, Image.Image) else Image.fromarray(im.cpu().numpy() if torch.is_tensor(im) else im)
               for im in images]
     batch = processor.understanding_batch([processor.question_text(q) for q in questions], [[im] for im in images])
     eos = processor.ids["eos"]

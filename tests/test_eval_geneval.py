@@ -1,5 +1,6 @@
 """GenEval scoring: the decision rules on synthetic detections with hand-derived verdicts, the official folder
 layout, and the summary formula. No weights: ScriptedDetector reads detections written into the test PNGs."""
+import glob
 import json
 import os
 
@@ -231,3 +232,48 @@ def test_score_round_trip_into_summary(tmp_path, capsys):
     printed = capsys.readouterr().out.splitlines()
     assert printed[-1] == "GenEval overall: 0.6667"  # (1/2 + 1/2 + 2/2) / 3
     assert "scripted" in printed[0]
+
+
+# -----------------------------------------------------------------------------------------------------------
+# generate -> official layout -> score -> summary -> selfcheck, on a fixture model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.environ.get("UNIRL_FIXTURES", os.path.join(ROOT, "..", "shared", "fixtures"))
+MODEL_DIRS = sorted(glob.glob(os.path.join(FIXTURES, "janus*")))[:1] + sorted(glob.glob(os.path.join(FIXTURES, "showo*")))[:1]
+
+
+@pytest.mark.skipif(not MODEL_DIRS, reason=f"no fixture models under {FIXTURES}")
+@pytest.mark.parametrize("model_dir", MODEL_DIRS, ids=os.path.basename)
+def test_generate_layout_score_summary_round_trip(model_dir, tmp_path, capsys):
+    rows = [{"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": "a photo of a cat",
+             "question": "What is the main item in this image?", "answer": "cat"},
+            {"tag": "counting", "include": [{"class": "dog", "count": 2}], "exclude": [{"class": "dog", "count": 3}],
+             "prompt": "a photo of two dogs", "question": "How many items in this image?", "answer": "two dogs"}]
+    meta = tmp_path / "meta.jsonl"
+    meta.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    args = ["generate", "--model", model_dir, "--metadata", str(meta), "--outdir", str(out), "--n", "3",
+            "--batch", "2", "--steps", "2"]
+    ge.main(args)
+    for i, row in enumerate(rows):
+        folder = out / f"{i:05d}"
+        assert json.loads((folder / "metadata.jsonl").read_text()) == row  # one JSON object, the metadata line
+        assert sorted(os.listdir(folder / "samples")) == ["00000.png", "00001.png", "00002.png"]
+        assert (folder / "grid.png").exists()
+    assert json.load(open(out / "config.json"))["images_per_prompt"] == 3
+    first = (out / "00001" / "samples" / "00002.png").read_bytes()
+    os.remove(out / "00001" / "samples" / "00002.png")
+    ge.main(args)  # resumes: only the incomplete prompt is sampled again, with the same seed
+    assert (out / "00001" / "samples" / "00002.png").read_bytes() == first
+    ge.main(["score", "--imagedir", str(out), "--outfile", str(out / "results.jsonl")])
+    results = ge.read_results(str(out / "results.jsonl"))
+    assert len(results) == 6
+    assert {"filename", "tag", "prompt", "correct", "reason", "metadata", "details"} <= set(results[0])
+    capsys.readouterr()
+    ge.main(["summary", str(out / "results.jsonl")])
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("GenEval overall: ")
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(meta.read_text())
+    res = ge.self_check_folder(model_dir, str(out), str(qa), str(out / "results.jsonl"), max_new_tokens=4)
+    assert res["selfcheck"]["n"] == 6 and 0.0 <= res["selfcheck"]["overall"] <= 1.0
+    assert len((out / "selfcheck.jsonl").read_text().splitlines()) == 6
