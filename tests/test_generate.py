@@ -147,3 +147,24 @@ def test_answer_logprobs_match_a_single_row_forward(janus):
             want = torch.log_softmax(logits, -1).gather(1, torch.tensor(target)[:, None])[:, 0]
             assert int(mask[i].sum()) == len(target)
             torch.testing.assert_close(lp[i][mask[i]], want, atol=1e-5, rtol=0)
+
+
+SHOWO_DIRS = sorted(d for d in glob.glob(os.path.join(FIXTURES, "showo*")) if os.path.isdir(d))
+
+
+@pytest.mark.skipif(not SHOWO_DIRS, reason=f"no showo* fixture under {FIXTURES}")
+def test_showo_text_prefix_cache_changes_nothing():
+    m, p = model.load_model(SHOWO_DIRS[0])
+    runs = {}
+    for cached in (True, False):
+        torch.manual_seed(5)
+        masked = torch.full((3, m.config.num_vq_tokens), m.config.mask_token_id)
+        ids = model.t2i_prompt(p.tok, ["a red cat", "two dogs", "x"], masked, p.max_seq_length)
+        uncond = model.t2i_prompt(p.tok, [""] * 3, masked, p.max_seq_length)
+        mask = model.omni_attention_mask(torch.cat([ids, uncond]), p.tok.pad_id, p.tok.special_ids["<|soi|>"],
+                                         p.tok.special_ids["<|eoi|>"], rm_pad_in_image=True)
+        runs[cached] = generate.showo_maskgit(m, ids, uncond, mask, guidance_scale=2.0, timesteps=6,
+                                              return_logprobs=True, cache_prefix=cached)
+    assert torch.equal(runs[True][0], runs[False][0])
+    torch.testing.assert_close(runs[True][1], runs[False][1], atol=1e-5, rtol=0)
+    assert (runs[True][1] < 0).all()  # every token got the log-prob of the step that committed it
