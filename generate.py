@@ -163,8 +163,13 @@ def janus_generate(model, processor, prompts, n_per_prompt=1, cfg_weight=5.0, te
     next_pos = positions[:, -1:] + 1  # [2B, 1]
     for t in tqdm(range(1, T), disable=not progress, desc="image tokens", leave=False):
         slot = torch.full((1,), L + t - 1, device=device, dtype=torch.long)
-        codes, logprob, guided = step(model, codes, next_pos + t - 1, slot, key_valid, cache, cfg_weight, temperature,
-                                      top_k, top_p, greedy, exp_noise(), generator if eager else None)
+        if eager:  # attend over the filled slots only; the compiled step keeps one static shape
+            codes, logprob, guided = step(model, codes, next_pos + t - 1, slot, key_valid[:, :L + t],
+                                          cache.prefix(L + t), cfg_weight, temperature, top_k, top_p, greedy,
+                                          exp_noise(), generator)
+        else:
+            codes, logprob, guided = step(model, codes, next_pos + t - 1, slot, key_valid, cache, cfg_weight,
+                                          temperature, top_k, top_p, greedy, exp_noise())
         codes = codes.clone()  # a CUDA-graph output is overwritten by the next replay
         tokens[:, t], logprobs[:, t] = codes, logprob
         if return_logits:

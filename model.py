@@ -350,6 +350,13 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
+    def prefix(self, n):
+        """The first n slots as views (writes land in this cache): eager decoding then attends over the filled
+        part only, where a compiled step keeps the full static shape."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.k[..., :n, :], self.v[..., :n, :]
+        return view
+
 
 class LlamaAttention(nn.Module):
     def __init__(self, cfg):

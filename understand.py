@@ -60,8 +60,8 @@ def janus_generate_text(model, batch, eos_id, max_new_tokens=100, temperature=0.
         if bool(finished.all()) or t == max_new_tokens - 1:
             break
         slot = torch.full((1,), L + t, device=device, dtype=torch.long)
-        hidden = model(model.embed_tokens(token[:, None]), pos + 1 + t, attention_bias(key_valid, slot, dtype),
-                       cache, slot)[:, -1]
+        hidden = model(model.embed_tokens(token[:, None]), pos + 1 + t,
+                       attention_bias(key_valid[:, :L + t + 1], slot, dtype), cache.prefix(L + t + 1), slot)[:, -1]
     ids = torch.stack(out, dim=1)
     return ids, (torch.stack(logps, dim=1) if return_logprobs else None)
 
@@ -203,8 +203,8 @@ def showo_generate_text(model, input_ids, attention_mask, input_embeddings=None,
         if t == max_new_tokens - 1:
             break
         slot = torch.full((1,), L + t, device=x.device, dtype=torch.long)
-        hidden = model.hidden_states(next_id[:, None], attention_bias(everything, slot, x.dtype), cache=cache,
-                                     slots=slot)[:, -1]
+        hidden = model.hidden_states(next_id[:, None], attention_bias(everything[:, :L + t + 1], slot, x.dtype),
+                                     cache=cache.prefix(L + t + 1), slots=slot)[:, -1]
     ids = torch.stack(new, dim=1)
     return (ids, torch.stack(logps, dim=1)) if return_logprobs else ids
 
