@@ -8,8 +8,12 @@ Sampling speed: the official-style Janus loop against ours, and both against the
     roofline per step = (weight bytes + KV bytes) / measured copy bandwidth   (spec/performance.md section 3)
 
 Usage:
-    python bench.py --cpu        # tiny random model, eager, < 2 minutes on 2 cores
-    python bench.py              # GPU: Janus-Pro-1B and -7B shapes, random bf16 weights, 16 images x 576 tokens
+    python bench.py --cpu        # tiny random models, eager, < 2 minutes on 2 cores
+    python bench.py              # GPU: Janus-Pro-1B/-7B (16 images x 576 tokens) and Show-o-512 (16 images x 16
+                                 # steps) shapes, random bf16 weights
+
+Show-o: plain = Showo.t2i_generate's structure (a full forward and full-vocabulary logits at every position, every
+step); ours = generate.showo_maskgit (logits at image positions over codebook columns, text-block keys cached).
 """
 import argparse
 import time
@@ -19,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import generate
-from model import JANUS_CONFIGS, Janus, apply_rope, rope_cos_sin
+from model import JANUS_CONFIGS, Janus, ShowO, ShowOConfig, apply_rope, omni_attention_mask, rope_cos_sin
 
 
 class FixedPrompt:
@@ -34,10 +38,10 @@ class FixedPrompt:
         return self.prompt
 
 
-def random_janus(cfg, device, dtype):
-    """Janus of this shape with random weights, without ever materialising them on the CPU."""
+def random_model(cls, cfg, device, dtype):
+    """A model of this shape with random weights, without ever materialising them on the CPU."""
     with torch.device("meta"):
-        m = Janus(cfg)
+        m = cls(cfg)
     m = m.to_empty(device=device)
     with torch.no_grad():
         for name, p in m.named_parameters():
@@ -124,7 +128,7 @@ def bytes_per_step(model, rows, prompt_len):
 
 
 def bench(name, cfg, device, dtype, n_images, prompt_len, repeats):
-    model = random_janus(cfg, device, dtype)
+    model = random_model(Janus, cfg, device, dtype)
     proc = FixedPrompt(cfg.vocab_size, prompt_len)
     T = cfg.gen_grid ** 2
     plain = timed(lambda: plain_generate(model, proc.prompt, n_images), device, repeats)
@@ -136,6 +140,60 @@ def bench(name, cfg, device, dtype, n_images, prompt_len, repeats):
           f"{(w + kv) / 1e9:.2f} GB/step")
     del model
     return plain, ours, roof
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Show-o: the official t2i_generate structure (full forward and full-vocabulary logits every step) against ours
+
+
+def showo_rows(cfg, n_images, text_len, device):
+    """[cond; uncond] t2i rows with arbitrary text ids: [PAD..][t2i][bos] text [eos][soi] mask x N [eoi]."""
+    pad = cfg.llm_vocab_size  # [PAD] then <|soi|> <|eoi|> ... follow the text vocabulary
+    soi, eoi, t2i = pad + 1, pad + 2, pad + 5
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(10, cfg.llm_vocab_size, (n_images, text_len - 4), generator=g)
+    head = torch.tensor([[pad, t2i, 0]]).expand(n_images, -1)
+    cond = torch.cat([head, text, torch.full((n_images, 1), 0)], 1)
+    uncond = torch.cat([torch.full((n_images, text_len - 3), pad), torch.tensor([[t2i, 0, 0]]).expand(n_images, -1)], 1)
+    image = torch.cat([torch.full((n_images, 1), soi), torch.full((n_images, cfg.num_vq_tokens), cfg.mask_token_id),
+                       torch.full((n_images, 1), eoi)], 1)
+    ids, uncond = torch.cat([cond, image], 1).to(device), torch.cat([uncond, image], 1).to(device)
+    return ids, uncond, omni_attention_mask(torch.cat([ids, uncond]), pad, soi, eoi, rm_pad_in_image=True)
+
+
+@torch.no_grad()
+def plain_showo(model, ids, uncond, mask, steps, guidance=5.0):
+    """Showo.t2i_generate's structure: every step a full forward with full-vocabulary logits at every position."""
+    cfg = model.config
+    N, M, V0 = cfg.num_vq_tokens, cfg.mask_token_id, cfg.image_offset
+    P = ids.shape[1] - N - 2
+    ids = ids.clone()
+    for step in range(steps):
+        logits = model(torch.cat([ids, torch.cat([uncond[:, :P], ids[:, P:]], 1)]), attention_mask=mask)
+        cond, unc = logits.chunk(2)
+        probs = ((1 + guidance) * cond - guidance * unc)[:, P + 1:P + 1 + N, V0:M].softmax(-1)
+        sampled = torch.multinomial(probs.flatten(0, 1), 1).view(probs.shape[:-1])
+        unknown = ids[:, P + 1:P + 1 + N] == M
+        _, _, raw = generate.schedule_step(step, steps, N)
+        conf = torch.where(unknown, probs.gather(-1, sampled[..., None])[..., 0], torch.finfo(probs.dtype).max)
+        mask_len = torch.clamp(torch.min(unknown.sum(-1, keepdim=True) - 1, raw.to(ids.device)), min=1)
+        remask = generate.mask_by_random_topk(mask_len, conf, 1.0 - (step + 1) / steps)
+        ids[:, P + 1:P + 1 + N] = torch.where(remask, M, sampled + V0)
+    return ids
+
+
+def bench_showo(name, cfg, device, dtype, n_images, text_len, steps, repeats):
+    model = random_model(ShowO, cfg, device, dtype)
+    ids, uncond, mask = showo_rows(cfg, n_images, text_len, device)
+    plain = timed(lambda: plain_showo(model, ids, uncond, mask, steps), device, repeats)
+    ours = timed(lambda: generate.showo_maskgit(model, ids.clone(), uncond, mask, 5.0, 1.0, steps), device, repeats)
+    L, N, B = ids.shape[1], cfg.num_vq_tokens, 2 * n_images
+    flops = steps * (2 * sum(p.numel() for p in model.showo.model.layers.parameters()) * B * L
+                     + 4 * cfg.num_hidden_layers * B * L * L * cfg.hidden_size)
+    print(f"{name:>14} | {n_images} images x {steps} steps, {N} tokens | plain {plain:8.3f} s | ours {ours:8.3f} s | "
+          f"speed-up {plain / ours:5.2f}x | {flops / ours / 1e12:.1f} TFLOP/s achieved by ours")
+    del model
+    return plain, ours
 
 
 def main():
@@ -155,9 +213,15 @@ def main():
                        gen_image_size=192, vit_layers=1, vit_width=64, vit_heads=1, vq_ch=32, vq_ch_mult=(1, 1),
                        vq_z_channels=32)
         bench("tiny (CPU)", tiny, device, torch.float32, 16, 32, args.repeats)
+        tiny_showo = ShowOConfig(vocab_size=1000 + 10 + 512 + 1, llm_vocab_size=1000, codebook_size=512,
+                                 num_vq_tokens=64, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                                 num_attention_heads=4, num_key_value_heads=4)
+        bench_showo("tiny (CPU)", tiny_showo, device, torch.float32, 16, 33, 8, args.repeats)
     else:
         for key in ("janus-pro-1b", "janus-pro-7b"):
             bench(key, JANUS_CONFIGS[key], device, torch.bfloat16, 16, 48, args.repeats)
+        showo_512 = ShowOConfig(num_vq_tokens=1024)  # Phi-1.5 sizes, MAGVIT-v2 at 512 px
+        bench_showo("show-o-512", showo_512, device, torch.bfloat16, 16, 129, 16, args.repeats)
 
 
 if __name__ == "__main__":

@@ -90,7 +90,8 @@ def decode_step(model, codes, positions, slot, key_valid, cache, cfg_weight, tem
     function is traced once and replayed for all 575 steps.
     """
     x = model.gen_embeds(torch.cat([codes, codes]))[:, None]  # [2B, 1, H]
-    hidden = model(x, positions, attention_bias(key_valid, slot, x.dtype), cache, slot)[:, -1]
+    bias = None if key_valid is None else attention_bias(key_valid, slot, x.dtype)  # None: every slot is visible
+    hidden = model(x, positions, bias, cache, slot)[:, -1]
     return guided_step(model, hidden, cfg_weight, temperature, top_k, top_p, greedy, noise, generator)
 
 
@@ -141,6 +142,7 @@ def janus_generate(model, processor, prompts, n_per_prompt=1, cfg_weight=5.0, te
     L = ids.shape[1]
     key_valid = torch.cat([valid, torch.ones(2 * B, T, dtype=torch.bool, device=device)], dim=1)  # [2B, L+T]
     positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # [2B, L]; left pads get 0, they are masked anyway
+    unpadded = bool(valid.all())
     cache = KVCache(cfg, 2 * B, L + T, dtype, device)
     if not eager and device.type == "cuda":  # in-place cache writes inside a CUDA graph need fixed addresses
         torch._dynamo.mark_static_address(cache.k)
@@ -163,10 +165,11 @@ def janus_generate(model, processor, prompts, n_per_prompt=1, cfg_weight=5.0, te
     next_pos = positions[:, -1:] + 1  # [2B, 1]
     for t in tqdm(range(1, T), disable=not progress, desc="image tokens", leave=False):
         slot = torch.full((1,), L + t - 1, device=device, dtype=torch.long)
-        if eager:  # attend over the filled slots only; the compiled step keeps one static shape
-            codes, logprob, guided = step(model, codes, next_pos + t - 1, slot, key_valid[:, :L + t],
-                                          cache.prefix(L + t), cfg_weight, temperature, top_k, top_p, greedy,
-                                          exp_noise(), generator)
+        if eager:  # attend over the filled slots only (no mask at all without left padding); the compiled step
+            # keeps one static shape and masks the unfilled slots
+            codes, logprob, guided = step(model, codes, next_pos + t - 1, slot, None if unpadded else
+                                          key_valid[:, :L + t], cache.prefix(L + t), cfg_weight, temperature, top_k,
+                                          top_p, greedy, exp_noise(), generator)
         else:
             codes, logprob, guided = step(model, codes, next_pos + t - 1, slot, key_valid, cache, cfg_weight,
                                           temperature, top_k, top_p, greedy, exp_noise())

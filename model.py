@@ -377,7 +377,8 @@ class LlamaAttention(nn.Module):
             kv[0].index_copy_(2, slots, k)
             kv[1].index_copy_(2, slots, v)
             k, v = kv
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None,
+        # no bias: causal without a cache; with a cache, every slot given is visible (the caller sliced it)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None and kv is None,
                                            enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, L, -1))
 
@@ -418,8 +419,8 @@ class LlamaDecoder(nn.Module):
         self.checkpointing = False  # activation checkpointing per block (train.py --activation-checkpointing)
 
     def forward(self, inputs_embeds, positions, bias=None, cache=None, slots=None):
-        """inputs_embeds [B, L, H]; positions [B, L] (RoPE); bias from attention_bias() or None = causal;
-        cache + slots [L]: write keys/values at these cache slots and attend over the cache."""
+        """inputs_embeds [B, L, H]; positions [B, L] (RoPE); bias from attention_bias(), or None = causal (no cache)
+        or every cache slot visible (cache); cache + slots [L]: write keys/values at these slots, attend over them."""
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, inputs_embeds.dtype)
         h = inputs_embeds
         for i, layer in enumerate(self.layers):
