@@ -332,13 +332,14 @@ def showo_maskgit(model, input_ids, uncond_input_ids=None, attention_mask=None, 
                              torch.min(unknown.sum(dim=-1, keepdim=True) - 1, mask_len))  # [B, 1] float
         temperature = temperature * (1.0 - (step + 1) / timesteps)  # compounds across steps (unlike MaskGIT)
         masking = mask_by_random_topk(mask_len, confidence, temperature, generator=generator)
+        # tokens revealed at this step keep the log-prob they were drawn with; the returned codes are the last
+        # step's draws, so there every still-unknown position counts as revealed
+        revealed = unknown if step == timesteps - 1 else unknown & ~masking
+        if return_logprobs:
+            logprobs = torch.where(revealed, confidence.clamp(min=1e-30).log(), logprobs)
         if record is not None:
             record.append(dict(model_input_ids=model_input.clone(), schedule_t=t, mask_ratio=mask_ratio,
-                               mask_len=mask_len, temperature=temperature, masking=masking))
-        if return_logprobs:  # tokens revealed at this step keep the log-prob they were drawn with; the returned
-            # codes are the last step's draws, so there every still-unknown position counts as revealed
-            revealed = unknown if step == timesteps - 1 else unknown & ~masking
-            logprobs = torch.where(revealed, confidence.clamp(min=1e-30).log(), logprobs)
+                               mask_len=mask_len, temperature=temperature, masking=masking, revealed=revealed))
         input_ids[:, image] = torch.where(masking, M, sampled + V0)
         current = torch.where(masking, M, sampled)
     return (sampled, logprobs) if return_logprobs else sampled
@@ -346,10 +347,11 @@ def showo_maskgit(model, input_ids, uncond_input_ids=None, attention_mask=None, 
 
 @torch.no_grad()
 def showo_generate(model, processor, prompts, n_per_prompt=1, guidance_scale=5.0, timesteps=50, temperature=1.0,
-                   generator=None, return_logprobs=False, decode=True, progress=False):
+                   generator=None, return_logprobs=False, decode=True, progress=False, return_trajectory=False):
     """Sample n_per_prompt images for every prompt with Show-o's MaskGIT (UniRL's eval: guidance 5, 50 steps).
 
-    Returns dict(tokens [B, N] codes, images [B, S, S, 3] uint8 if decode, logprobs [B, N] if asked).
+    Returns dict(tokens [B, N] codes, images [B, S, S, 3] uint8 if decode, logprobs [B, N] if asked, trajectory:
+    per step the model input ids ([cond; uncond] rows) and the positions revealed, for GRPO's trajectory replay).
     """
     from model import omni_attention_mask, t2i_prompt
     cfg, tok = model.config, processor.tok
@@ -361,10 +363,14 @@ def showo_generate(model, processor, prompts, n_per_prompt=1, guidance_scale=5.0
     rows = ids if uncond is None else torch.cat([ids, uncond])
     mask = omni_attention_mask(rows, tok.pad_id, tok.special_ids["<|soi|>"], tok.special_ids["<|eoi|>"],
                                rm_pad_in_image=True)
+    record = [] if return_trajectory else None
     out = showo_maskgit(model, ids, uncond, mask, guidance_scale, temperature, timesteps, generator=generator,
-                        return_logprobs=return_logprobs, progress=progress)
+                        record=record, return_logprobs=return_logprobs, progress=progress)
     tokens, logprobs = out if return_logprobs else (out, None)
     result = dict(tokens=tokens)
+    if return_trajectory:
+        result["trajectory"] = [dict(input_ids=r["model_input_ids"], revealed=r["revealed"]) for r in record]
+        result["attention_mask"] = mask
     if return_logprobs:
         result["logprobs"] = logprobs
     if decode:
@@ -373,12 +379,13 @@ def showo_generate(model, processor, prompts, n_per_prompt=1, guidance_scale=5.0
 
 
 def sample_images(model, processor, prompts, n_per_prompt=1, cfg_weight=None, temperature=1.0, generator=None,
-                  return_logprobs=False, decode=True, progress=False, steps=None):
+                  return_logprobs=False, decode=True, progress=False, steps=None, return_trajectory=False):
     """Either family through one call: Janus (autoregressive + CFG) or Show-o (MaskGIT). cfg_weight None = the
-    family's default (Janus 5, Show-o 5); steps: Show-o's MaskGIT steps (default 50)."""
+    family's default (Janus 5, Show-o 5); steps and return_trajectory: Show-o's MaskGIT only."""
     if hasattr(model, "showo"):
         return showo_generate(model, processor, prompts, n_per_prompt, 5.0 if cfg_weight is None else cfg_weight,
-                              steps or 50, temperature, generator, return_logprobs, decode, progress)
+                              steps or 50, temperature, generator, return_logprobs, decode, progress,
+                              return_trajectory)
     return janus_generate(model, processor, prompts, n_per_prompt, 5.0 if cfg_weight is None else cfg_weight,
                           temperature, generator=generator, return_logprobs=return_logprobs, decode=decode,
                           progress=progress)

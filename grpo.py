@@ -13,10 +13,11 @@ inactive and the gradient is -A_i grad l. Image tokens and answer tokens are agg
 so ~10 answer tokens are not drowned by 576 image tokens (spec/method.md section 6.5). These are the standard GRPO
 forms; UniRL's exact ones are unpublished (method.md marks them [SPEC]).
 """
+import math
+
 import torch
 
 from generate import janus_image_logprobs
-from understand import janus_answer_logprobs, janus_pixels
 
 AGGREGATIONS = ("grpo", "dapo", "dr_grpo")
 
@@ -76,45 +77,114 @@ def policy_loss(logp, advantages, mask=None, logp_old=None, logp_ref=None, beta=
 
 
 # -----------------------------------------------------------------------------------------------------------
-# The GRPO step for Janus: rollout (sft.janus_rollout) -> advantages -> image and answer policy losses
+# Image-token log-probs. Janus: teacher-forced, exact. Show-o (masked diffusion, no exact likelihood): the one-pass
+# masked-token estimator or a replay of the sampler's trajectory (both [SPEC] choices, method.md section 6.6).
 
 
-def janus_grpo_loss(model, processor, batch, group_size, ref_model=None, beta=0.0, cfg_weight=5.0, temperature=1.0,
-                    logp_mode="cond", optimize="both", agg="grpo", adv_std=True, w_img=1.0, w_ans=1.0):
+def draw_showo_masks(n_groups, group_size, num_tokens, generator=None):
+    """One mask ratio per group (cos(pi t / 2), t ~ U(0, 1), k = max(1, round(N gamma))), k random positions per
+    image: [n_groups * group_size, N] bool. Drawn once and shared by pi_theta and pi_ref."""
+    t = torch.rand(n_groups, generator=generator)
+    k = (num_tokens * torch.cos(t * math.pi / 2)).round().clamp(min=1).repeat_interleave(group_size)
+    order = torch.rand(n_groups * group_size, num_tokens, generator=generator).argsort(1)
+    return order < k[:, None]
+
+
+def showo_masked_logprobs(model, processor, prompts, tokens, masks):
+    """log p(x_j | prompt, x with the masked positions hidden) at the masked positions j, over the codebook
+    columns (as the sampler), one conditional forward. -> (logp [B, N], masks [B, N])."""
+    from model import omni_attention_mask, t2i_prompt
+    cfg, tok = model.config, processor.tok
+    masks = masks.to(tokens.device)
+    image = torch.where(masks, cfg.mask_token_id, tokens + cfg.image_offset)
+    ids = t2i_prompt(tok, prompts, image, processor.max_seq_length)
+    mask = omni_attention_mask(ids, tok.pad_id, tok.special_ids["<|soi|>"], tok.special_ids["<|eoi|>"],
+                               rm_pad_in_image=True)
+    P = ids.shape[1] - cfg.num_vq_tokens - 2
+    logits = model.image_logits(model.hidden_states(ids, mask)[:, P + 1:P + 1 + cfg.num_vq_tokens])
+    return torch.log_softmax(logits, -1).gather(2, tokens[..., None])[..., 0] * masks, masks
+
+
+def showo_trajectory_logprobs(model, batch, guidance_scale=5.0, steps=None):
+    """Replay the recorded MaskGIT steps with grad: token j gets log p(x_j) under the guided codebook softmax of the
+    step that revealed it ((1 + g) cond - g uncond, untempered, as the sampler). A per-token ratio, where Mask-GRPO
+    keeps one per step. steps: replay only these step indices (tokens of the others are left out).
+    -> (logp [B, N], covered [B, N])."""
+    N = model.config.num_vq_tokens
+    tokens = batch["tokens"]
+    B = tokens.shape[0]
+    logp = torch.zeros(tokens.shape, device=tokens.device)
+    covered = torch.zeros(tokens.shape, dtype=torch.bool, device=tokens.device)
+    for s, state in enumerate(batch["trajectory"]):
+        if steps is not None and s not in steps:
+            continue
+        ids = state["input_ids"]
+        P = ids.shape[1] - N - 2
+        logits = model.image_logits(model.hidden_states(ids, batch["attention_mask"])[:, P + 1:P + 1 + N])
+        if ids.shape[0] == 2 * B:
+            logits = (1 + guidance_scale) * logits[:B] - guidance_scale * logits[B:]
+        step_lp = torch.log_softmax(logits, -1).gather(2, tokens[..., None])[..., 0]
+        logp = torch.where(state["revealed"], step_lp, logp)
+        covered |= state["revealed"]
+    return logp * covered, covered
+
+
+def image_logprobs(model, processor, batch, group_size, cfg_weight=5.0, temperature=1.0, janus_mode="cond",
+                   showo_masks=None):
+    """Log-probs [B, N] and the tokens they cover [B, N] for the images of a rollout batch, either family.
+    Show-o: the trajectory replay when the batch carries a trajectory, else the masked-token estimator."""
+    prompts = [t["prompt"] for t in batch["tasks"]]
+    tokens = batch["tokens"].to(next(model.parameters()).device)
+    if hasattr(model, "showo"):
+        if "trajectory" in batch:
+            return showo_trajectory_logprobs(model, batch, cfg_weight)
+        return showo_masked_logprobs(model, processor, prompts, tokens, showo_masks)
+    lp = janus_image_logprobs(model, processor, prompts, tokens, cfg_weight, temperature, janus_mode)
+    return lp, torch.ones_like(lp, dtype=torch.bool)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The GRPO step: rollout (sft.rollout) -> advantages -> image and answer policy losses
+
+
+def grpo_loss(model, processor, batch, group_size, ref_model=None, beta=0.0, cfg_weight=5.0, temperature=1.0,
+              janus_logp="cond", optimize="both", agg="grpo", adv_std=True, w_img=1.0, w_ans=1.0, generator=None):
     """GRPO loss of a rollout batch (images grouped by prompt, group_size each). Returns (loss, stats).
 
-    logp_mode: "cond" (default: conditional row, one row per image; the CFG sampler makes it slightly off-policy)
-    or "cfg" (both rows with grad: exactly the sampling policy, twice the compute).
+    janus_logp: "cond" (default: conditional row, one row per image; the CFG sampler makes it slightly off-policy)
+    or "cfg" (both rows with grad: exactly the sampling policy, twice the compute). Show-o uses the masked-token
+    estimator with one mask ratio per group, the same masks for the reference.
     optimize: "t2i" | "mmu" | "both". Answer tokens get their image's advantage; answers are decoded greedily, so
     that term is advantage-weighted self-training of the answer rather than an on-policy gradient.
     """
-    device = model.gen_embed.weight.device
+    from sft import answer_logprobs
+    device = next(model.parameters()).device
     rewards = batch["rewards"].to(device)
     adv = group_advantages(rewards.view(-1, group_size), adv_std).view(-1)
-    prompts = [t["prompt"] for t in batch["tasks"]]
-    tokens = batch["tokens"].to(device)
     use_ref = ref_model is not None and beta > 0
     loss = torch.zeros((), device=device)
-    stats = dict(reward=float(rewards.mean()), reward_std=float(rewards.std()) if len(rewards) > 1 else 0.0,
-                 flat_groups=float((rewards.view(-1, group_size).std(1) == 0).float().mean()),
+    stats = dict(flat_groups=float((rewards.view(-1, group_size).std(1) == 0).float().mean()),
                  adv_abs=float(adv.abs().mean()))
     if optimize in ("t2i", "both"):
-        lp = janus_image_logprobs(model, processor, prompts, tokens, cfg_weight, temperature, logp_mode)
+        masks = None
+        if hasattr(model, "showo"):
+            masks = draw_showo_masks(len(rewards) // group_size, group_size, model.config.num_vq_tokens, generator)
+        lp, covered = image_logprobs(model, processor, batch, group_size, cfg_weight, temperature, janus_logp, masks)
         ref = None
         if use_ref:
             with torch.no_grad():
-                ref = janus_image_logprobs(ref_model, processor, prompts, tokens, cfg_weight, temperature, logp_mode)
-        l_img, s = policy_loss(lp, adv, logp_ref=ref, beta=beta, agg=agg, max_len=tokens.shape[1])
+                ref, _ = image_logprobs(ref_model, processor, batch, group_size, cfg_weight, temperature, janus_logp,
+                                        masks)
+        l_img, s = policy_loss(lp, adv, covered, logp_ref=ref, beta=beta, agg=agg, max_len=covered.shape[1])
         loss = loss + w_img * l_img
         stats.update({f"img_{k}": v for k, v in s.items()}, loss_img=l_img.item())
     if optimize in ("mmu", "both"):
-        pixels = janus_pixels(processor, batch["images"]).to(device)
-        questions = [t["question"] for t in batch["tasks"]]
-        lp, mask = janus_answer_logprobs(model, processor, pixels, questions, batch["answer_ids"])
+        idx = list(range(len(rewards)))
+        lp, mask = answer_logprobs(model, processor, batch, idx, batch["answer_ids"])
         ref = None
         if use_ref:
             with torch.no_grad():
-                ref, _ = janus_answer_logprobs(ref_model, processor, pixels, questions, batch["answer_ids"])
+                ref, _ = answer_logprobs(ref_model, processor, batch, idx, batch["answer_ids"])
         l_ans, s = policy_loss(lp, adv, mask, logp_ref=ref, beta=beta, agg=agg, max_len=mask.shape[1])
         loss = loss + w_ans * l_ans
         stats.update({f"ans_{k}": v for k, v in s.items()}, loss_ans=l_ans.item())

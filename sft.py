@@ -2,6 +2,7 @@
 SFT on self-generated data: the model draws, judges its own drawings, and learns from what it judged correct.
 
     L_T2I = -(1/N) sum_t log p(x_t | prompt, x_<t)           Janus: next-code NLL of the N image codes
+                                                              Show-o: its masked-token loss (official training)
     L_MMU = -(1/M) sum_t log p(a*_t | image, q, a*_<t)        answer-token cross-entropy (reference answer + EOS)
     L     = lambda_t2i L_T2I + lambda_mmu L_MMU
 
@@ -20,9 +21,9 @@ replay backward of sum <G, y_soft>, which is exactly the straight-through gradie
 import torch
 import torch.nn.functional as F
 
-from generate import cosine_schedule, janus_generate, janus_image_logits, janus_image_logprobs
-from model import IGNORE_ID
-from understand import janus_answer_logprobs, janus_pixels, self_check
+from generate import cosine_schedule, janus_image_logits, janus_image_logprobs, sample_images
+from model import IGNORE_ID, omni_attention_mask, t2i_train_prompt
+from understand import janus_answer_logprobs, janus_pixels, self_check, showo_answer_logprobs
 
 
 def janus_t2i_loss(model, processor, prompts, tokens, cond_dropout=0.0, generator=None):
@@ -40,34 +41,69 @@ def mmu_loss(logprobs, mask):
 
 
 @torch.no_grad()
-def janus_rollout(model, processor, tasks, images_per_prompt, cfg_weight=5.0, temperature=1.0, generator=None,
-                  max_answer_tokens=100, normalize=False):
-    """Sample images for every task and let the model judge them. Returns a flat batch of B = tasks x images."""
-    out = janus_generate(model, processor, [t["prompt"] for t in tasks], images_per_prompt, cfg_weight, temperature,
-                         generator=generator, return_logprobs=True)
+def rollout(model, processor, tasks, images_per_prompt, cfg_weight=None, temperature=1.0, generator=None,
+            max_answer_tokens=100, normalize=False, steps=None, trajectory=False):
+    """UniRL's data: sample images for every task, let the model judge each one. Either family.
+
+    Returns a flat batch of B = tasks x images_per_prompt: tasks, tokens [B, N], images uint8, sample_logprobs,
+    answers, answer_ids, rewards [B], correct [B] (and Show-o's sampling trajectory if asked).
+    """
+    out = sample_images(model, processor, [t["prompt"] for t in tasks], images_per_prompt, cfg_weight, temperature,
+                        generator, return_logprobs=True, steps=steps, return_trajectory=trajectory)
     flat = [t for t in tasks for _ in range(images_per_prompt)]
-    check = self_check(model, processor, out["images"], flat, max_answer_tokens, normalize)
-    return dict(tasks=flat, tokens=out["tokens"], images=out["images"], sample_logprobs=out["logprobs"], **check)
+    showo = hasattr(model, "showo")
+    check = self_check(model, processor, None if showo else out["images"], flat, max_answer_tokens, normalize,
+                       tokens=out["tokens"] if showo else None)
+    extra = {k: out[k] for k in ("trajectory", "attention_mask") if k in out}
+    return dict(tasks=flat, tokens=out["tokens"], images=out["images"], sample_logprobs=out["logprobs"], **check,
+                **extra)
 
 
-def janus_sft_loss(model, processor, batch, lambda_t2i=1.0, lambda_mmu=1.0, mmu_filter="all", cond_dropout=0.0,
-                   generator=None):
+def showo_t2i_loss(model, processor, prompts, codes, cond_dropout=0.1):
+    """Show-o's masked-token loss, as the official training computes it: one t ~ U(0, 1) per row, mask
+    round(N cos(pi t / 2)) random image tokens, predict them (unshifted, full-vocabulary CE, <|soi|>/<|eoi|> as
+    their own targets), the text replaced by the empty prompt with probability cond_dropout."""
+    cfg, tok = model.config, processor.tok
+    image_ids = codes + cfg.image_offset
+    masked_ids, labels, _ = mask_image_tokens(image_ids, cfg.mask_token_id)
+    ids, labels = t2i_train_prompt(tok, prompts, masked_ids, labels, processor.max_seq_length, cond_dropout)
+    mask = omni_attention_mask(ids, tok.pad_id, tok.special_ids["<|soi|>"], tok.special_ids["<|eoi|>"],
+                               rm_pad_in_image=True)
+    return showo_training_losses(model, ids, mask, labels, len(prompts), 0, 0)[1]
+
+
+def t2i_loss(model, processor, prompts, tokens, cond_dropout=0.0, generator=None):
+    if hasattr(model, "showo"):
+        return showo_t2i_loss(model, processor, prompts, tokens, cond_dropout)
+    return janus_t2i_loss(model, processor, prompts, tokens, cond_dropout, generator)
+
+
+def answer_logprobs(model, processor, batch, idx, answers, detach_image=True):
+    """Teacher-forced answer log-probs of rows idx of a rollout batch: Janus from pixels, Show-o from tokens."""
+    questions = [batch["tasks"][i]["question"] for i in idx]
+    if hasattr(model, "showo"):
+        return showo_answer_logprobs(model, processor, batch["tokens"][idx].to(model.showo.lm_head.weight.device),
+                                     questions, answers)
+    pixels = janus_pixels(processor, batch["images"][idx]).to(model.gen_embed.weight.device)
+    return janus_answer_logprobs(model, processor, pixels, questions, answers, detach_image)
+
+
+def sft_loss(model, processor, batch, lambda_t2i=1.0, lambda_mmu=1.0, mmu_filter="all", cond_dropout=0.0,
+             generator=None):
     """Non-end-to-end SFT loss on a rollout batch. Returns (loss, stats); loss is 0 with no grad if nothing kept."""
     keep_t2i = batch["correct"]
     keep_mmu = batch["correct"] if mmu_filter == "verified" else torch.ones_like(keep_t2i)
-    device = model.gen_embed.weight.device
+    device = next(model.parameters()).device
     loss, stats = torch.zeros((), device=device), dict(kept=int(keep_t2i.sum()), n=len(keep_t2i))
     if keep_t2i.any():
         idx = keep_t2i.nonzero()[:, 0].tolist()
-        l_t2i = janus_t2i_loss(model, processor, [batch["tasks"][i]["prompt"] for i in idx],
-                               batch["tokens"][idx].to(device), cond_dropout, generator)
+        l_t2i = t2i_loss(model, processor, [batch["tasks"][i]["prompt"] for i in idx], batch["tokens"][idx].to(device),
+                         cond_dropout, generator)
         loss = loss + lambda_t2i * l_t2i
         stats["loss_t2i"] = l_t2i.item()
     if keep_mmu.any():
         idx = keep_mmu.nonzero()[:, 0].tolist()
-        pixels = janus_pixels(processor, batch["images"][idx]).to(device)
-        lp, mask = janus_answer_logprobs(model, processor, pixels, [batch["tasks"][i]["question"] for i in idx],
-                                         [batch["tasks"][i]["answer"] for i in idx])
+        lp, mask = answer_logprobs(model, processor, batch, idx, [batch["tasks"][i]["answer"] for i in idx])
         l_mmu = mmu_loss(lp, mask)
         loss = loss + lambda_mmu * l_mmu
         stats["loss_mmu"] = l_mmu.item()

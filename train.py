@@ -136,12 +136,12 @@ class Objective(nn.Module):
     def forward(self, batch):
         a = self.args
         if a.algo == "grpo":
-            loss, stats = grpo.janus_grpo_loss(self.model, self.processor, batch, a.group_size, self.frozen[0],
-                                               a.beta, a.cfg, a.temperature, a.logp, a.optimize, a.agg,
-                                               not a.no_adv_std)
+            loss, stats = grpo.grpo_loss(self.model, self.processor, batch, a.group_size, self.frozen[0], a.beta,
+                                         a.cfg, a.temperature, a.logp, a.optimize, a.agg, not a.no_adv_std,
+                                         generator=batch["generator"])
         else:
-            loss, stats = sft.janus_sft_loss(self.model, self.processor, batch, mmu_filter=a.sft_mmu_filter,
-                                             cond_dropout=a.cond_dropout, generator=batch["generator"])
+            loss, stats = sft.sft_loss(self.model, self.processor, batch, mmu_filter=a.sft_mmu_filter,
+                                       cond_dropout=a.cond_dropout, generator=batch["generator"])
         # every trainable parameter joins the graph (with weight 0): each rank then reduces the same gradients even
         # when its batch had, say, no verified image, and backward never meets a loss without a graph
         anchor = sum(p.reshape(-1)[0] for p in self.model.parameters() if p.requires_grad)
@@ -220,8 +220,8 @@ def self_check_eval(model, processor, tasks, args, device):
     """The eval hook: one image per held-out task, judged by the model itself; accuracy overall and per tag."""
     correct = []
     for i, task in enumerate(tasks):
-        batch = sft.janus_rollout(model, processor, [task], 1, args.cfg, args.temperature,
-                                  torch.Generator().manual_seed(i))
+        batch = sft.rollout(model, processor, [task], 1, args.cfg, args.temperature, torch.Generator().manual_seed(i),
+                            args.max_answer_tokens, steps=args.steps_showo)
         correct.append(bool(batch["correct"][0]))
     per_tag = {}
     for task, ok in zip(tasks, correct):
@@ -288,9 +288,9 @@ def main(argv=None):
                      for j in range(args.prompts_per_rank)]
             t0 = time.perf_counter()
             batch = merge_batches([
-                sft.janus_rollout(sampler_model, processor, [tasks[s % len(tasks)]], args.group_size, args.cfg,
-                                  args.temperature, task_generator(args, step, s), args.max_answer_tokens,
-                                  args.reward_normalize) for s in slots])
+                sft.rollout(sampler_model, processor, [tasks[s % len(tasks)]], args.group_size, args.cfg,
+                            args.temperature, task_generator(args, step, s), args.max_answer_tokens,
+                            args.reward_normalize, args.steps_showo) for s in slots])
             batch["generator"] = task_generator(args, step, slots[0])  # SFT's conditioning-dropout draws
             t1 = time.perf_counter()
             sync = micro == args.grad_accum - 1

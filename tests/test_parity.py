@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -122,7 +123,8 @@ def test_janus_understanding_single(folder):
     conv = meta["und"]["conversation"]
     text = conversation_text(p, conv, meta["system_prompt"])
     assert text == meta["und"]["sft_format"]
-    images = [Image.open(os.path.join(folder, f)) for f in conv[0]["images"]]
+    images = [Image.open(os.path.join(folder, f)).convert("RGB") for f in conv[0]["images"]]
+    same("und.image_uint8", torch.from_numpy(np.array(images[0])), c["und.image_uint8"])
     batch = p.understanding_batch([text], [images])
     for k in ("input_ids", "attention_mask", "images_seq_mask", "images_emb_mask"):
         same(f"und.{k}", batch[k], c[f"und.{k}"])
@@ -169,8 +171,11 @@ def test_janus_cfg_generation(folder):
     prompt_ids = p.t2i_prompt_ids(prompt)
     same("t2i.prompt_ids", torch.tensor(prompt_ids), c["t2i.prompt_ids"])
     assert p.ids["pad"] == int(c["t2i.pad_id"])
-    same("t2i.cfg_input_ids uncond rows", torch.tensor(generate.unconditional_ids(prompt_ids, p.ids["pad"])),
-         c["t2i.cfg_input_ids"][1::2][0])
+    rows = c["t2i.cfg_input_ids"]  # official layout: interleaved cond / uncond rows, one pair per image
+    for i in range(rows.shape[0] // 2):
+        same("t2i.cfg_input_ids cond row", rows[2 * i], torch.tensor(prompt_ids))
+        same("t2i.cfg_input_ids uncond row", rows[2 * i + 1],
+             torch.tensor(generate.unconditional_ids(prompt_ids, p.ids["pad"])))
     P, T = t2i["parallel_size"], t2i["image_token_num_per_image"]
     assert m.cfg.gen_grid ** 2 == T
     for mode in ("greedy", "sample"):

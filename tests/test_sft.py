@@ -92,15 +92,15 @@ def test_sft_loss_trains_t2i_only_on_verified_images():
     m, p = perturbed_janus()
     tasks = [dict(prompt="a photo of a cat", question="What is the main item in this image?", answer="cat",
                   tag="single_object", include=[{"class": "cat", "count": 1}])]
-    batch = sft.janus_rollout(m, p, tasks, 2, generator=torch.Generator().manual_seed(0))
+    batch = sft.rollout(m, p, tasks, 2, generator=torch.Generator().manual_seed(0))
     assert batch["tokens"].shape[0] == 2 and len(batch["answers"]) == 2
     batch["correct"] = torch.tensor([True, False])
-    loss, stats = sft.janus_sft_loss(m, p, batch, mmu_filter="verified")
+    loss, stats = sft.sft_loss(m, p, batch, mmu_filter="verified")
     assert stats["kept"] == 1 and "loss_t2i" in stats and "loss_mmu" in stats
     batch["correct"] = torch.tensor([False, False])
-    loss, stats = sft.janus_sft_loss(m, p, batch, mmu_filter="verified")
+    loss, stats = sft.sft_loss(m, p, batch, mmu_filter="verified")
     assert float(loss) == 0.0 and "loss_t2i" not in stats and "loss_mmu" not in stats
-    loss, stats = sft.janus_sft_loss(m, p, batch, mmu_filter="all")
+    loss, stats = sft.sft_loss(m, p, batch, mmu_filter="all")
     assert "loss_t2i" not in stats and stats["loss_mmu"] > 0
     loss.backward()
     assert m.gen_head.vision_head.weight.grad is None  # MMU alone never touches generation
