@@ -1184,6 +1184,7 @@ class ShowO(nn.Module):
             layers=nn.ModuleList(PhiBlock(cfg) for _ in range(cfg.num_hidden_layers)),
             final_layernorm=nn.LayerNorm(D, eps=cfg.layer_norm_eps)))
         self.showo = nn.ModuleDict(dict(model=phi, lm_head=nn.Linear(D, V)))  # untied, with bias
+        self.checkpointing = False  # activation checkpointing per block (train.py --activation-checkpointing)
         if cfg.w_clip_vit:  # CLIP penultimate-layer features [B, 576, 1024] -> LLM embeddings
             self.mm_projector = nn.Sequential(nn.Linear(cfg.clip_hidden_size, D), nn.GELU(), nn.Linear(D, D))
 
@@ -1203,6 +1204,9 @@ class ShowO(nn.Module):
         if attention_mask is not None:  # SDPA wants the mask in the compute dtype (-9e18 / -3e38 become -inf in bf16)
             attention_mask = attention_mask.to(x.device, x.dtype)
         for i, layer in enumerate(phi.layers):
+            if self.checkpointing and self.training and cache is None:  # recompute activations in backward
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attention_mask, use_reentrant=False)
+                continue
             kv = None if cache is None else (cache.k[i], cache.v[i])
             x = layer(x, cos, sin, attention_mask, kv, slots)
         return phi.final_layernorm(x)

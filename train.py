@@ -33,7 +33,7 @@ from tqdm import tqdm
 import grpo
 import reward
 import sft
-from model import load_janus
+from model import load_model
 from understand import self_check
 
 GENEVAL_METADATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "geneval",
@@ -43,14 +43,15 @@ GENEVAL_METADATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--algo", choices=["sft", "grpo"], default="grpo")
-    ap.add_argument("--model", required=True, help="checkpoint folder (Janus / Janus-Pro)")
+    ap.add_argument("--model", required=True, help="checkpoint folder (Janus / Janus-Pro or Show-o)")
+    ap.add_argument("--vq", help="Show-o only: the MAGVIT-v2 folder, if not inside --model")
     ap.add_argument("--out", default="runs/unirl", help="checkpoints and log.jsonl")
     # data
     ap.add_argument("--tasks", type=int, default=5000, help="size of the constructed training set")
     ap.add_argument("--exclude", default=GENEVAL_METADATA,
                     help="GenEval metadata whose prompts never become training prompts ('' = no dedup)")
     ap.add_argument("--prompts-per-rank", type=int, default=1, help="prompt groups per rank per micro-step")
-    ap.add_argument("--group-size", type=int, default=8, help="images per prompt (UniRL: 8 Janus, 3 Show-o)")
+    ap.add_argument("--group-size", type=int, default=0, help="images per prompt (0 = UniRL's: 8 Janus, 3 Show-o)")
     # optimisation
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--lr", type=float, default=1e-5)
@@ -62,12 +63,15 @@ def parse_args(argv=None):
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard per block); for Janus-Pro-7B")
     # sampling
-    ap.add_argument("--cfg", type=float, default=5.0)
+    ap.add_argument("--cfg", type=float, default=5.0, help="guidance while sampling (UniRL's eval: 5 for both)")
     ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--showo-steps", type=int, default=50, help="Show-o MaskGIT steps per image")
     ap.add_argument("--max-answer-tokens", type=int, default=100)
     # GRPO
     ap.add_argument("--beta", type=float, default=0.2, help="k3 KL coefficient (0 skips the reference model)")
-    ap.add_argument("--logp", choices=["cond", "cfg"], default="cond", help="image log-prob estimator")
+    ap.add_argument("--logp", choices=["cond", "cfg"], default="cond", help="Janus image log-prob estimator")
+    ap.add_argument("--showo-logp", choices=["masked", "trajectory"], default="masked",
+                    help="Show-o image log-prob estimator: one masked pass, or a replay of the sampling steps")
     ap.add_argument("--optimize", choices=["t2i", "mmu", "both"], default="both")
     ap.add_argument("--agg", choices=grpo.AGGREGATIONS, default="grpo")
     ap.add_argument("--no-adv-std", action="store_true", help="Dr. GRPO advantages r - mean")
@@ -156,12 +160,18 @@ def lr_at(step, args):
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def set_trainable(model, args):
-    """Train the LLM and the generation embedding/heads; keep the VQ tokenizer, SigLIP and the aligner frozen
-    (method.md section 8 defaults; understanding features are detached in GRPO anyway)."""
+def set_trainable(model):
+    """Janus: train the LLM and the generation embedding/heads; keep the VQ tokenizer, SigLIP and the aligner frozen
+    (method.md section 8 defaults; understanding features are detached in GRPO anyway). Show-o: the whole
+    transformer (its MAGVIT-v2 lives in the processor and is never trained)."""
     for name, p in model.named_parameters():
         p.requires_grad_(not name.startswith(("gen_vision_model.", "vision_model.", "aligner.")))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def blocks(model):
+    """The transformer blocks: FSDP2 shards each one; activation checkpointing wraps each one."""
+    return model.showo.model.layers if hasattr(model, "showo") else model.language_model.model.layers
 
 
 def task_generator(args, step, slot):
@@ -221,7 +231,7 @@ def self_check_eval(model, processor, tasks, args, device):
     correct = []
     for i, task in enumerate(tasks):
         batch = sft.rollout(model, processor, [task], 1, args.cfg, args.temperature, torch.Generator().manual_seed(i),
-                            args.max_answer_tokens, steps=args.steps_showo)
+                            args.max_answer_tokens, steps=args.showo_steps)
         correct.append(bool(batch["correct"][0]))
     per_tag = {}
     for task, ok in zip(tasks, correct):
@@ -235,9 +245,11 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
 
-    model, processor = load_janus(args.model, device=device, dtype=torch.float32)
-    n_trainable = set_trainable(model, args)
-    model.language_model.model.checkpointing = args.activation_checkpointing
+    model, processor = load_model(args.model, device=device, dtype=torch.float32, vq_dir=args.vq)
+    args.group_size = args.group_size or (3 if hasattr(model, "showo") else 8)
+    n_trainable = set_trainable(model)
+    if args.activation_checkpointing:
+        (model.showo if hasattr(model, "showo") else model.language_model.model).checkpointing = True
     ref_model = None
     if args.algo == "grpo" and args.beta > 0:  # frozen copy of the initial weights
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -250,7 +262,7 @@ def main(argv=None):
         sampler_model = copy.deepcopy(model).eval().requires_grad_(False)  # an inference replica: no per-token
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                                   reduce_dtype=torch.float32)                # all-gathers while sampling
-        for block in model.language_model.model.layers:
+        for block in blocks(model):
             fully_shard(block, mp_policy=mp)
         fully_shard(objective, mp_policy=mp)
         train_module = objective
@@ -278,6 +290,7 @@ def main(argv=None):
     log = open(os.path.join(args.out, "log.jsonl"), "a") if rank == 0 else None
     bar = tqdm(range(start, args.steps), disable=rank != 0, initial=start, total=args.steps, desc=args.algo)
     per_step = args.prompts_per_rank * args.grad_accum
+    trajectory = hasattr(model, "showo") and args.algo == "grpo" and args.showo_logp == "trajectory"
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
@@ -290,7 +303,7 @@ def main(argv=None):
             batch = merge_batches([
                 sft.rollout(sampler_model, processor, [tasks[s % len(tasks)]], args.group_size, args.cfg,
                             args.temperature, task_generator(args, step, s), args.max_answer_tokens,
-                            args.reward_normalize, args.steps_showo) for s in slots])
+                            args.reward_normalize, args.showo_steps, trajectory) for s in slots])
             batch["generator"] = task_generator(args, step, slots[0])  # SFT's conditioning-dropout draws
             t1 = time.perf_counter()
             sync = micro == args.grad_accum - 1

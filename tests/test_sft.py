@@ -96,7 +96,9 @@ def test_sft_loss_trains_t2i_only_on_verified_images():
     assert batch["tokens"].shape[0] == 2 and len(batch["answers"]) == 2
     batch["correct"] = torch.tensor([True, False])
     loss, stats = sft.sft_loss(m, p, batch, mmu_filter="verified")
-    assert stats["kept"] == 1 and "loss_t2i" in stats and "loss_mmu" in stats
+    assert stats["kept"] == 0.5 and "loss_t2i" in stats and "loss_mmu" in stats
+    expected = 0.5 * stats["loss_t2i"] + 0.5 * stats["loss_mmu"]  # each term weighs kept / B
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
     batch["correct"] = torch.tensor([False, False])
     loss, stats = sft.sft_loss(m, p, batch, mmu_filter="verified")
     assert float(loss) == 0.0 and "loss_t2i" not in stats and "loss_mmu" not in stats
