@@ -5,8 +5,9 @@ learns from its own answers - by SFT on what it judged correct, or by GRPO over 
     per rank, per step:  tasks -> images (no grad) -> self-check answers -> rewards -> loss -> all-reduce -> AdamW
 
 One hand-written loop. Each rank owns whole prompt groups, so advantages never cross ranks. Rollouts are seeded
-per task (seed, global task index), which makes a run independent of how it is split over ranks and makes resume
-exact without saving any sampler state.
+per task (seed, step, global task slot), which makes a run independent of how it is split over ranks; the global
+RNG is re-seeded every step from (seed, step, rank), so a resumed run repeats the interrupted one exactly without
+storing any RNG state.
 
 Launch:
     python train.py --algo grpo --model /ckpt/Janus-Pro-1B                                  # one GPU (or CPU)
@@ -58,6 +59,9 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
     ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
+                    help="sgd: an update linear in the gradient, for checking runs against each other (Adam's first "
+                         "steps turn float noise in near-zero gradients into +-lr updates)")
     ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--activation-checkpointing", action="store_true")
@@ -217,8 +221,8 @@ def load_checkpoint(path, module, optimizer):
     if module.__class__ is Objective:
         sd = {"model." + k: v for k, v in sd.items()}
     set_model_state_dict(module, sd, options=full)
-    state = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=False)
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=full)
+    state = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=True)
+    set_optimizer_state_dict(module, optimizer, state["optimizer"], options=full)
     return state["step"]
 
 
@@ -271,7 +275,10 @@ def main(argv=None):
     else:
         train_module = objective
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
+    if args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=args.lr, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
 
     exclude = reward.geneval_prompts(args.exclude) if args.exclude and os.path.isfile(args.exclude) else None
     report = {}
@@ -292,6 +299,8 @@ def main(argv=None):
     per_step = args.prompts_per_rank * args.grad_accum
     trajectory = hasattr(model, "showo") and args.algo == "grpo" and args.showo_logp == "trajectory"
     for step in bar:
+        # every random draw of a step is a function of (seed, step, rank): a resumed run repeats it exactly
+        torch.manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
         t_rollout = t_update = 0.0
