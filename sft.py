@@ -90,29 +90,30 @@ def answer_logprobs(model, processor, batch, idx, answers, detach_image=True):
 
 def sft_loss(model, processor, batch, lambda_t2i=1.0, lambda_mmu=1.0, mmu_filter="all", cond_dropout=0.0,
              generator=None):
-    """Non-end-to-end SFT loss on a rollout batch. Returns (loss, stats); loss is 0 with no grad if nothing kept.
+    """Non-end-to-end SFT loss on a rollout batch. Returns (loss, stats).
 
     Each term is its mean over the kept images scaled by kept / B, i.e. a mean over ALL B images in which the
     rejected ones weigh zero (filtered behaviour cloning). The loss then depends on the batch as a whole, so
-    DDP's gradient average over ranks equals one process on the concatenated batch.
+    DDP's gradient average over ranks equals one process on the concatenated batch. Both forwards always run
+    (over every image, weighted 0, when none was kept), so all ranks run the same modules, as FSDP requires.
     """
-    keep_t2i = batch["correct"]
-    keep_mmu = batch["correct"] if mmu_filter == "verified" else torch.ones_like(keep_t2i)
+    B = len(batch["correct"])
+    keep = {"t2i": batch["correct"],
+            "mmu": batch["correct"] if mmu_filter == "verified" else torch.ones_like(batch["correct"])}
     device = next(model.parameters()).device
-    B = len(keep_t2i)
-    loss, stats = torch.zeros((), device=device), dict(kept=int(keep_t2i.sum()) / B)
-    if keep_t2i.any():
-        idx = keep_t2i.nonzero()[:, 0].tolist()
-        l_t2i = t2i_loss(model, processor, [batch["tasks"][i]["prompt"] for i in idx], batch["tokens"][idx].to(device),
-                         cond_dropout, generator)
-        loss = loss + lambda_t2i * l_t2i * len(idx) / B
-        stats["loss_t2i"] = l_t2i.item()
-    if keep_mmu.any():
-        idx = keep_mmu.nonzero()[:, 0].tolist()
-        lp, mask = answer_logprobs(model, processor, batch, idx, [batch["tasks"][i]["answer"] for i in idx])
-        l_mmu = mmu_loss(lp, mask)
-        loss = loss + lambda_mmu * l_mmu * len(idx) / B
-        stats["loss_mmu"] = l_mmu.item()
+    loss, stats = torch.zeros((), device=device), dict(kept=int(keep["t2i"].sum()) / B)
+    for term, weight in (("t2i", lambda_t2i), ("mmu", lambda_mmu)):
+        rows = keep[term].nonzero()[:, 0].tolist() or list(range(B))
+        share = int(keep[term].sum()) / B
+        if term == "t2i":
+            value = t2i_loss(model, processor, [batch["tasks"][i]["prompt"] for i in rows],
+                             batch["tokens"][rows].to(device), cond_dropout, generator)
+        else:
+            value = mmu_loss(*answer_logprobs(model, processor, batch, rows,
+                                              [batch["tasks"][i]["answer"] for i in rows]))
+        loss = loss + weight * share * value
+        if share:
+            stats[f"loss_{term}"] = value.item()
     return loss, stats
 
 

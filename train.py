@@ -150,10 +150,10 @@ class Objective(nn.Module):
         else:
             loss, stats = sft.sft_loss(self.model, self.processor, batch, mmu_filter=a.sft_mmu_filter,
                                        cond_dropout=a.cond_dropout, generator=batch["generator"])
-        # every trainable parameter joins the graph (with weight 0): each rank then reduces the same gradients even
-        # when its batch had, say, no verified image, and backward never meets a loss without a graph
-        anchor = sum(p.reshape(-1)[0] for p in self.model.parameters() if p.requires_grad)
-        return loss + 0.0 * anchor, stats
+        if not a.fsdp:  # DDP reduces every trainable parameter: let each join the graph (with weight 0), also
+            # the ones a run leaves unused (e.g. lm_head with --optimize t2i). FSDP2 copes with unused ones itself.
+            loss = loss + 0.0 * sum(p.reshape(-1)[0] for p in self.model.parameters() if p.requires_grad)
+        return loss, stats
 
 
 def lr_at(step, args):
@@ -320,7 +320,7 @@ def main(argv=None):
                 train_module.require_backward_grad_sync = sync  # all-reduce on the last micro-step only
             loss, stats = train_module(batch)
             if not torch.isfinite(loss):
-                raise RuntimeError(f"non-finite loss {float(loss)} at step {step} (stats {stats}); stopping. "
+                raise RuntimeError(f"non-finite loss {loss.item()} at step {step} (stats {stats}); stopping. "
                                    f"The last good checkpoint is {ckpts[-1] if ckpts else 'none (none written yet)'}")
             (loss / args.grad_accum).backward()
             t_update += time.perf_counter() - t1

@@ -34,14 +34,16 @@ def assert_same_weights(a, b, atol):
 
 
 @need_model
-@pytest.mark.parametrize("algo", ["sft", "grpo"])
-def test_torchrun_two_ranks_equal_one_process(algo, tmp_path):
+@pytest.mark.parametrize("algo,sharding", [("sft", "ddp"), ("grpo", "ddp"), ("sft", "fsdp")])
+def test_torchrun_two_ranks_equal_one_process(algo, sharding, tmp_path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     sgd = ["--optimizer", "sgd", "--lr", "0.5"]  # an update linear in the gradient: float noise stays float noise
     train.main(common(single, algo) + ["--prompts-per-rank", "2"] + sgd)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "train.py")] + common(ddp, algo) + ["--prompts-per-rank", "1"] + sgd
+    if sharding == "fsdp":
+        cmd.append("--fsdp")
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     base = load_file(os.path.join(JANUS[0], "model.safetensors"))
