@@ -319,7 +319,10 @@ def main(argv=None):
             if isinstance(train_module, nn.parallel.DistributedDataParallel):
                 train_module.require_backward_grad_sync = sync  # all-reduce on the last micro-step only
             loss, stats = train_module(batch)
-            if not torch.isfinite(loss):
+            finite = torch.isfinite(loss.detach()).float()
+            if dist.is_initialized():  # every rank stops together: a lone rank stopping would leave the rest hanging
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if not bool(finite):
                 raise RuntimeError(f"non-finite loss {loss.item()} at step {step} (stats {stats}); stopping. "
                                    f"The last good checkpoint is {ckpts[-1] if ckpts else 'none (none written yet)'}")
             (loss / args.grad_accum).backward()
