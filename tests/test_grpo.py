@@ -65,7 +65,7 @@ def test_clipping_by_hand():
     old = torch.zeros(1, 2)  # ratios 1.5 and 0.5
     loss, stats = grpo.policy_loss(logp, torch.tensor([2.0]), logp_old=old, clip_low=0.2, clip_high=0.2, agg="dapo")
     # per token: -min(1.5*2, 1.2*2) = -2.4 ; -min(0.5*2, 0.8*2) = -1.0 ; token mean = -1.7
-    assert float(loss) == pytest.approx(-1.7)
+    assert loss.item() == pytest.approx(-1.7)
     loss.backward()
     # d/dlogp of -(rho*A)/2 = -rho*A/2 on the unclipped token, 0 on the clipped one
     torch.testing.assert_close(logp.grad, torch.tensor([[0.0, -0.5 * 2.0 / 2]]))
@@ -73,7 +73,7 @@ def test_clipping_by_hand():
     logp = torch.tensor([[math.log(1.5), math.log(0.5)]], requires_grad=True)
     loss, _ = grpo.policy_loss(logp, torch.tensor([-2.0]), logp_old=old, agg="dapo")
     # -min(-3, -2.4) = 3 (unclipped) ; -min(-1, -1.6) = 1.6 (clipped, constant) -> mean 2.3
-    assert float(loss) == pytest.approx(2.3)
+    assert loss.item() == pytest.approx(2.3)
     loss.backward()
     torch.testing.assert_close(logp.grad, torch.tensor([[1.5 * 2.0 / 2, 0.0]]))
 
@@ -84,7 +84,7 @@ def test_kl_term_value_and_gradient():
     loss, stats = grpo.policy_loss(logp, torch.zeros(1), logp_ref=ref, beta=0.5, agg="dapo")
     d = ref - logp.detach()
     kl = torch.exp(d) - d - 1
-    assert float(loss) == pytest.approx(float(0.5 * kl.mean()))
+    assert loss.item() == pytest.approx(float(0.5 * kl.mean()))
     assert stats["kl"] == pytest.approx(float(kl.mean()))
     loss.backward()
     torch.testing.assert_close(logp.grad, 0.5 * (1 - torch.exp(d)) / 2)  # d k3 / d l = 1 - exp(d)
