@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from generate import cosine_schedule, janus_image_logits, janus_image_logprobs, sample_images
-from model import IGNORE_ID, omni_attention_mask, t2i_train_prompt
+from model import IGNORE_ID, omni_attention_mask, t2i_prompt, t2i_train_prompt
 from understand import janus_answer_logprobs, janus_pixels, self_check, showo_answer_logprobs
 
 
@@ -89,13 +89,14 @@ def answer_logprobs(model, processor, batch, idx, answers, detach_image=True):
 
 
 def sft_loss(model, processor, batch, lambda_t2i=1.0, lambda_mmu=1.0, mmu_filter="all", cond_dropout=0.0,
-             generator=None):
+             generator=None, end_to_end=False, tau=1.0):
     """Non-end-to-end SFT loss on a rollout batch. Returns (loss, stats).
 
     Each term is its mean over the kept images scaled by kept / B, i.e. a mean over ALL B images in which the
     rejected ones weigh zero (filtered behaviour cloning). The loss then depends on the batch as a whole, so
     DDP's gradient average over ranks equals one process on the concatenated batch. Both forwards always run
     (over every image, weighted 0, when none was kept), so all ranks run the same modules, as FSDP requires.
+    end_to_end: the MMU term reads the image as straight-through one-hots, so it also trains generation.
     """
     B = len(batch["correct"])
     keep = {"t2i": batch["correct"],
@@ -108,6 +109,10 @@ def sft_loss(model, processor, batch, lambda_t2i=1.0, lambda_mmu=1.0, mmu_filter
         if term == "t2i":
             value = t2i_loss(model, processor, [batch["tasks"][i]["prompt"] for i in rows],
                              batch["tokens"][rows].to(device), cond_dropout, generator)
+        elif end_to_end:
+            value = end_to_end_mmu_loss(model, processor, [batch["tasks"][i]["prompt"] for i in rows],
+                                        batch["tokens"][rows].to(device), [batch["tasks"][i]["question"] for i in rows],
+                                        [batch["tasks"][i]["answer"] for i in rows], tau)
         else:
             value = mmu_loss(*answer_logprobs(model, processor, batch, rows,
                                               [batch["tasks"][i]["answer"] for i in rows]))
@@ -148,13 +153,38 @@ def janus_pixels_from_onehot(model, y):
     return pixels
 
 
+def end_to_end_mmu_loss(model, processor, prompts, tokens, questions, answers, tau=1.0, noise=None):
+    """L_MMU with the image as straight-through one-hots of the generation logits z, in one autograd graph.
+
+    Janus: z are the teacher-forced conditional logits of the sampled codes (exact for the sampler's prefixes),
+    and the one-hots go through the VQ decoder and SigLIP. Show-o: z come from one conditional forward on the
+    prompt with a fully masked image (method.md's `one_pass` proxy: cheap, biased), and the one-hots enter as
+    onehot @ E[image codes]. noise: the rollout's Gumbel noise if recorded, else 0 (y_hard = the sampled codes).
+    """
+    if hasattr(model, "showo"):
+        cfg, tok = model.config, processor.tok
+        masked = torch.full_like(tokens, cfg.mask_token_id)
+        ids = t2i_prompt(tok, prompts, masked, processor.max_seq_length)
+        mask = omni_attention_mask(ids, tok.pad_id, tok.special_ids["<|soi|>"], tok.special_ids["<|eoi|>"],
+                                   rm_pad_in_image=True)
+        P = ids.shape[1] - cfg.num_vq_tokens - 2
+        z = model.image_logits(model.hidden_states(ids, mask)[:, P + 1:P + 1 + cfg.num_vq_tokens])
+        y = straight_through(z, tokens, tau, noise)
+        return mmu_loss(*showo_answer_logprobs(model, processor, tokens, questions, answers, image_onehot=y))
+    z = janus_image_logits(model, processor, prompts, tokens, mode="cond")
+    y = straight_through(z, tokens, tau, noise)
+    return mmu_loss(*janus_answer_logprobs(model, processor, janus_pixels_from_onehot(model, y), questions, answers,
+                                           detach_image=False))
+
+
 def janus_end_to_end_backward(model, processor, prompts, tokens, questions, answers, tau=1.0, noise=None,
                               lambda_mmu=1.0):
     """Two-phase backward of L_MMU through straight-through image codes. Accumulates .grad; returns the loss.
 
     Phase 1: y = onehot(x) as a leaf; MMU forward/backward gives the MMU parameter grads and G = dL/dy.
     Phase 2: replay the generation logits z with grad; backward of sum <G, softmax((z + g)/tau)>.
-    Equal to autograd through y = onehot + y_soft - sg(y_soft) in one graph (tests/test_sft.py checks it).
+    Equal to autograd through end_to_end_mmu_loss's single graph (tests/test_sft.py checks it) while holding only
+    one model's activations at a time: the memory-light way for full-size Janus.
     """
     K = model.cfg.gen_vocab_size
     y_hard = F.one_hot(tokens, K).float().requires_grad_(True)

@@ -83,7 +83,10 @@ def parse_args(argv=None):
     # SFT
     ap.add_argument("--sft-mmu-filter", choices=["all", "verified"], default="all")
     ap.add_argument("--cond-dropout", type=float, default=0.1)
-    ap.add_argument("--end-to-end", action="store_true", help="straight-through Gumbel SFT through the VQ decoder")
+    ap.add_argument("--end-to-end", action="store_true",
+                    help="straight-through Gumbel SFT: the answer loss also trains generation (Janus: through the VQ "
+                         "decoder and SigLIP; Show-o: one-hot image embeddings)")
+    ap.add_argument("--tau", type=float, default=1.0, help="Gumbel-softmax temperature of --end-to-end")
     # bookkeeping
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save-every", type=int, default=100)
@@ -149,7 +152,8 @@ class Objective(nn.Module):
                                          generator=batch["generator"])
         else:
             loss, stats = sft.sft_loss(self.model, self.processor, batch, mmu_filter=a.sft_mmu_filter,
-                                       cond_dropout=a.cond_dropout, generator=batch["generator"])
+                                       cond_dropout=a.cond_dropout, generator=batch["generator"],
+                                       end_to_end=a.end_to_end, tau=a.tau)
         if not a.fsdp:  # DDP reduces every trainable parameter: let each join the graph (with weight 0), also
             # the ones a run leaves unused (e.g. lm_head with --optimize t2i). FSDP2 copes with unused ones itself.
             loss = loss + 0.0 * sum(p.reshape(-1)[0] for p in self.model.parameters() if p.requires_grad)
@@ -297,6 +301,8 @@ def main(argv=None):
     log = open(os.path.join(args.out, "log.jsonl"), "a") if rank == 0 else None
     bar = tqdm(range(start, args.steps), disable=rank != 0, initial=start, total=args.steps, desc=args.algo)
     per_step = args.prompts_per_rank * args.grad_accum
+    # bf16 matmuls on GPU with fp32 master weights (FSDP2 casts its gathered parameters itself); fp32 on CPU
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     trajectory = hasattr(model, "showo") and args.algo == "grpo" and args.showo_logp == "trajectory"
     for step in bar:
         # every random draw of a step is a function of (seed, step, rank): a resumed run repeats it exactly
@@ -309,16 +315,18 @@ def main(argv=None):
             slots = [(step * world + rank) * per_step + micro * args.prompts_per_rank + j
                      for j in range(args.prompts_per_rank)]
             t0 = time.perf_counter()
-            batch = merge_batches([
-                sft.rollout(sampler_model, processor, [tasks[s % len(tasks)]], args.group_size, args.cfg,
-                            args.temperature, task_generator(args, step, s), args.max_answer_tokens,
-                            args.reward_normalize, args.showo_steps, trajectory) for s in slots])
+            with autocast:
+                batch = merge_batches([
+                    sft.rollout(sampler_model, processor, [tasks[s % len(tasks)]], args.group_size, args.cfg,
+                                args.temperature, task_generator(args, step, s), args.max_answer_tokens,
+                                args.reward_normalize, args.showo_steps, trajectory) for s in slots])
             batch["generator"] = task_generator(args, step, slots[0])  # SFT's conditioning-dropout draws
             t1 = time.perf_counter()
             sync = micro == args.grad_accum - 1
             if isinstance(train_module, nn.parallel.DistributedDataParallel):
                 train_module.require_backward_grad_sync = sync  # all-reduce on the last micro-step only
-            loss, stats = train_module(batch)
+            with autocast:
+                loss, stats = train_module(batch)
             finite = torch.isfinite(loss.detach()).float()
             if dist.is_initialized():  # every rank stops together: a lone rank stopping would leave the rest hanging
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)

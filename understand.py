@@ -238,9 +238,11 @@ def showo_answer(model, processor, codes, questions, max_new_tokens=100, tempera
     return out
 
 
-def showo_answer_logprobs(model, processor, codes, questions, answers):
+def showo_answer_logprobs(model, processor, codes, questions, answers, image_onehot=None):
     """Teacher-forced log p(a_t | image codes, q, a_<t) [B, M] and mask [B, M], for answers given as id lists
-    (the model's own, eot included) or strings (" " + answer, then eot). One forward per distinct question."""
+    (the model's own, eot included) or strings (" " + answer, then eot). One forward per answer.
+    image_onehot [B, N, K] (straight-through one-hots, end-to-end SFT): the image rows are embedded as
+    onehot @ E[image codes], which equals the token embedding in value and carries the gradient to the codes."""
     tok = processor.tok
     eot, eoi = tok.special_ids["<|eot|>"], tok.special_ids["<|eoi|>"]
     targets = [list(a) if not isinstance(a, str) else tok.encode(" " + a.strip()) + [eot] for a in answers]
@@ -252,7 +254,16 @@ def showo_answer_logprobs(model, processor, codes, questions, answers):
         for i in [i for i, q in enumerate(questions) if q == question]:  # rows differ in answer length
             prompt = mmu_prompt(tok, codes[i:i + 1], question)
             seq = torch.cat([prompt, torch.tensor([targets[i]], device=device)], dim=1)
-            logits = model(seq, attention_mask=mmu_attention_mask(seq, eoi))[0, prompt.shape[1] - 1:-1]
+            mask_i = mmu_attention_mask(seq, eoi)
+            if image_onehot is None:
+                logits = model(seq, attention_mask=mask_i)[0, prompt.shape[1] - 1:-1]
+            else:
+                table = model.showo.model.embed_tokens.weight
+                cfg = model.config
+                image = image_onehot[i:i + 1].to(table.dtype) @ table[cfg.image_offset:cfg.image_offset + cfg.codebook_size]
+                x = model.showo.model.embed_tokens(seq)
+                x = torch.cat([x[:, :2], image, x[:, 2 + image.shape[1]:]], dim=1)  # [<|mmu|>, <|soi|>] image ...
+                logits = model(input_embeddings=x, attention_mask=mask_i)[0, prompt.shape[1] - 1:-1]
             n = len(targets[i])
             logprobs[i, :n] = torch.log_softmax(logits, -1).gather(1, seq[0, prompt.shape[1]:, None])[:, 0]
             mask[i, :n] = True

@@ -56,11 +56,7 @@ def test_two_phase_end_to_end_gradient_equals_one_graph():
     questions, answers = ["What is this?", "How many items in this image?"], ["a red cube", "two balls"]
     noise = sft.gumbel_noise((2, tokens.shape[1], m.cfg.gen_vocab_size), torch.Generator().manual_seed(1))
 
-    logits = generate.janus_image_logits(m, p, prompts, tokens, mode="cond")
-    y = sft.straight_through(logits, tokens, tau=0.5, noise=noise)
-    lp, mask = understand.janus_answer_logprobs(m, p, sft.janus_pixels_from_onehot(m, y), questions, answers,
-                                                detach_image=False)
-    one_graph_loss = sft.mmu_loss(lp, mask)
+    one_graph_loss = sft.end_to_end_mmu_loss(m, p, prompts, tokens, questions, answers, tau=0.5, noise=noise)
     one_graph_loss.backward()
     reference = {n: prm.grad.clone() for n, prm in m.named_parameters() if prm.grad is not None}
     m.zero_grad(set_to_none=True)
@@ -110,3 +106,22 @@ def test_sft_loss_trains_t2i_only_on_verified_images():
     loss.backward()
     assert m.gen_head.vision_head.weight.grad.abs().sum() == 0  # MMU alone never moves generation
     assert m.language_model.lm_head.weight.grad.abs().sum() > 0
+
+
+SHOWO_DIRS = sorted(d for d in glob.glob(os.path.join(FIXTURES, "showo*")) if os.path.isdir(d))
+
+
+@pytest.mark.skipif(not SHOWO_DIRS, reason=f"no showo* fixture under {FIXTURES}")
+def test_showo_end_to_end_answer_loss_reaches_generation():
+    """The one-hot image rows equal the token embeddings in value (same loss as the discrete path) and carry the
+    answer loss back to the generation logits."""
+    m, p = model.load_model(SHOWO_DIRS[0])
+    tokens = generate.showo_generate(m, p, ["a cat", "a dog"], 1, timesteps=2, decode=False)["tokens"]
+    questions, answers = ["What is this?", "How many items in this image?"], ["a cat", "one dog"]
+    loss = sft.end_to_end_mmu_loss(m, p, ["a cat", "a dog"], tokens, questions, answers)
+    with torch.no_grad():
+        discrete = sft.mmu_loss(*understand.showo_answer_logprobs(m, p, tokens, questions, answers))
+    assert loss.item() == pytest.approx(float(discrete), abs=1e-5)
+    loss.backward()
+    image_rows = m.showo.lm_head.weight.grad[m.config.image_offset:m.config.image_offset + m.config.codebook_size]
+    assert image_rows.abs().sum() > 0  # the codebook logits (generation) got a gradient from the answer
