@@ -94,10 +94,10 @@ def test_sft_loss_trains_t2i_only_on_verified_images():
     loss, stats = sft.sft_loss(m, p, batch, mmu_filter="verified")
     assert stats["kept"] == 0.5 and "loss_t2i" in stats and "loss_mmu" in stats
     expected = 0.5 * stats["loss_t2i"] + 0.5 * stats["loss_mmu"]  # each term weighs kept / B
-    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
     batch["correct"] = torch.tensor([False, False])
     loss, stats = sft.sft_loss(m, p, batch, mmu_filter="verified")
-    assert float(loss) == 0.0 and "loss_t2i" not in stats and "loss_mmu" not in stats
+    assert loss.item() == 0.0 and "loss_t2i" not in stats and "loss_mmu" not in stats
     loss.backward()  # nothing kept: the forwards still ran (weight 0), so every rank runs the same modules
     assert m.gen_head.vision_head.weight.grad.abs().sum() == 0
     m.zero_grad(set_to_none=True)
