@@ -166,8 +166,8 @@ def grpo_loss(model, processor, batch, group_size, ref_model=None, beta=0.0, cfg
     stats = dict(flat_groups=float((rewards.view(-1, group_size).std(1) == 0).float().mean()),
                  adv_abs=float(adv.abs().mean()))
     if optimize in ("t2i", "both"):
-        masks = None
-        if hasattr(model, "showo"):
+        masks = batch.get("showo_masks")  # fixed per rollout when the rollout gets several updates
+        if hasattr(model, "showo") and masks is None:
             masks = draw_showo_masks(len(rewards) // group_size, group_size, model.config.num_vq_tokens, generator)
         lp, covered = image_logprobs(model, processor, batch, group_size, cfg_weight, temperature, janus_logp, masks)
         ref = None
@@ -175,7 +175,7 @@ def grpo_loss(model, processor, batch, group_size, ref_model=None, beta=0.0, cfg
             with torch.no_grad():
                 ref, _ = image_logprobs(ref_model, processor, batch, group_size, cfg_weight, temperature, janus_logp,
                                         masks)
-        l_img, s = policy_loss(lp, adv, covered, logp_ref=ref, beta=beta, agg=agg, max_len=covered.shape[1])
+        l_img, s = policy_loss(lp, adv, covered, batch.get("logp_old_img"), ref, beta, agg=agg, max_len=covered.shape[1])
         loss = loss + w_img * l_img
         stats.update({f"img_{k}": v for k, v in s.items()}, loss_img=l_img.item())
     if optimize in ("mmu", "both"):
@@ -185,7 +185,22 @@ def grpo_loss(model, processor, batch, group_size, ref_model=None, beta=0.0, cfg
         if use_ref:
             with torch.no_grad():
                 ref, _ = answer_logprobs(ref_model, processor, batch, idx, batch["answer_ids"])
-        l_ans, s = policy_loss(lp, adv, mask, logp_ref=ref, beta=beta, agg=agg, max_len=mask.shape[1])
+        l_ans, s = policy_loss(lp, adv, mask, batch.get("logp_old_ans"), ref, beta, agg=agg, max_len=mask.shape[1])
         loss = loss + w_ans * l_ans
         stats.update({f"ans_{k}": v for k, v in s.items()}, loss_ans=l_ans.item())
     return loss, stats
+
+
+@torch.no_grad()
+def record_old_logprobs(model, processor, batch, group_size, cfg_weight=5.0, temperature=1.0, janus_logp="cond",
+                        generator=None):
+    """Before the first of several updates on one rollout: freeze pi_old's log-probs (and Show-o's masks) in the
+    batch, so that the later updates see ratios pi_theta / pi_old and the clip becomes active."""
+    from sft import answer_logprobs
+    if hasattr(model, "showo") and "trajectory" not in batch:
+        batch["showo_masks"] = draw_showo_masks(len(batch["rewards"]) // group_size, group_size,
+                                                model.config.num_vq_tokens, generator)
+    batch["logp_old_img"], _ = image_logprobs(model, processor, batch, group_size, cfg_weight, temperature,
+                                              janus_logp, batch.get("showo_masks"))
+    batch["logp_old_ans"], _ = answer_logprobs(model, processor, batch, list(range(len(batch["rewards"]))),
+                                               batch["answer_ids"])

@@ -18,6 +18,8 @@ top of the MMU pass, and the generation replay forward. It runs as a two-phase b
 no graph is held across both models: (1) MMU backward to the one-hot leaf gives G = dL/dy, (2) the generation
 replay backward of sum <G, y_soft>, which is exactly the straight-through gradient.
 """
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -48,15 +50,17 @@ def rollout(model, processor, tasks, images_per_prompt, cfg_weight=None, tempera
     Returns a flat batch of B = tasks x images_per_prompt: tasks, tokens [B, N], images uint8, sample_logprobs,
     answers, answer_ids, rewards [B], correct [B] (and Show-o's sampling trajectory if asked).
     """
+    t0 = time.perf_counter()
     out = sample_images(model, processor, [t["prompt"] for t in tasks], images_per_prompt, cfg_weight, temperature,
                         generator, return_logprobs=True, steps=steps, return_trajectory=trajectory)
+    t1 = time.perf_counter()
     flat = [t for t in tasks for _ in range(images_per_prompt)]
     showo = hasattr(model, "showo")
     check = self_check(model, processor, None if showo else out["images"], flat, max_answer_tokens, normalize,
                        tokens=out["tokens"] if showo else None)
     extra = {k: out[k] for k in ("trajectory", "attention_mask") if k in out}
     return dict(tasks=flat, tokens=out["tokens"], images=out["images"], sample_logprobs=out["logprobs"], **check,
-                **extra)
+                **extra, sample_s=t1 - t0, score_s=time.perf_counter() - t1)
 
 
 def showo_t2i_loss(model, processor, prompts, codes, cond_dropout=0.1):

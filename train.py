@@ -64,6 +64,8 @@ def parse_args(argv=None):
                          "steps turn float noise in near-zero gradients into +-lr updates)")
     ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--updates-per-rollout", type=int, default=1,
+                    help="optimizer steps on each rollout (GRPO: > 1 freezes an old policy and clips the ratio)")
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard per block); for Janus-Pro-7B")
     # sampling
@@ -309,48 +311,53 @@ def main(argv=None):
         torch.manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
-        t_rollout = t_update = 0.0
-        stats_acc, tags, rewards_all = {}, [], []
-        for micro in range(args.grad_accum):
+        batches = []
+        for micro in range(args.grad_accum):  # rollouts: whole prompt groups, seeded per (step, slot)
             slots = [(step * world + rank) * per_step + micro * args.prompts_per_rank + j
                      for j in range(args.prompts_per_rank)]
-            t0 = time.perf_counter()
             with autocast:
                 batch = merge_batches([
                     sft.rollout(sampler_model, processor, [tasks[s % len(tasks)]], args.group_size, args.cfg,
                                 args.temperature, task_generator(args, step, s), args.max_answer_tokens,
                                 args.reward_normalize, args.showo_steps, trajectory) for s in slots])
-            batch["generator"] = task_generator(args, step, slots[0])  # SFT's conditioning-dropout draws
-            t1 = time.perf_counter()
-            sync = micro == args.grad_accum - 1
-            if isinstance(train_module, nn.parallel.DistributedDataParallel):
-                train_module.require_backward_grad_sync = sync  # all-reduce on the last micro-step only
-            with autocast:
-                loss, stats = train_module(batch)
-            finite = torch.isfinite(loss.detach()).float()
-            if dist.is_initialized():  # every rank stops together: a lone rank stopping would leave the rest hanging
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if not bool(finite):
-                raise RuntimeError(f"non-finite loss {loss.item()} at step {step} (stats {stats}); stopping. "
-                                   f"The last good checkpoint is {ckpts[-1] if ckpts else 'none (none written yet)'}")
-            (loss / args.grad_accum).backward()
-            t_update += time.perf_counter() - t1
-            t_rollout += t1 - t0
-            for k, v in stats.items():
-                stats_acc[k] = stats_acc.get(k, 0.0) + v / args.grad_accum
-            tags += [t["tag"] for t in batch["tasks"]]
-            rewards_all += batch["rewards"].tolist()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        if not torch.isfinite(grad_norm):
-            raise RuntimeError(f"non-finite gradient norm at step {step}; stopping before the update")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            batch["generator"] = task_generator(args, step, slots[0])  # SFT dropout / Show-o mask draws
+            if args.algo == "grpo" and args.updates_per_rollout > 1:
+                with autocast:
+                    grpo.record_old_logprobs(model, processor, batch, args.group_size, args.cfg, args.temperature,
+                                             args.logp, batch["generator"])
+            batches.append(batch)
+        t1 = time.perf_counter()
+        stats_acc = {}
+        for update in range(args.updates_per_rollout):  # 1 = UniRL's on-policy default (ratio = 1, no clip)
+            for micro, batch in enumerate(batches):
+                if isinstance(train_module, nn.parallel.DistributedDataParallel):  # all-reduce on the last one
+                    train_module.require_backward_grad_sync = micro == len(batches) - 1
+                with autocast:
+                    loss, stats = train_module(batch)
+                finite = torch.isfinite(loss.detach()).float()
+                if dist.is_initialized():  # every rank stops together: a lone rank stopping would hang the rest
+                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                if not bool(finite):
+                    raise RuntimeError(f"non-finite loss {loss.item()} at step {step} (stats {stats}); stopping. The "
+                                       f"last good checkpoint is {ckpts[-1] if ckpts else 'none (none written yet)'}")
+                (loss / len(batches)).backward()
+                for k, v in stats.items():
+                    stats_acc[k] = stats_acc.get(k, 0.0) + v / len(batches) / args.updates_per_rollout
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            if not torch.isfinite(grad_norm):
+                raise RuntimeError(f"non-finite gradient norm at step {step}; stopping before the update")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         if args.fsdp:
             refresh_replica(sampler_model, model)
+        t_update = time.perf_counter() - t1
+        t_sample, t_score = sum(b["sample_s"] for b in batches), sum(b["score_s"] for b in batches)
+        tags = [t["tag"] for b in batches for t in b["tasks"]]
+        rewards_all = [r for b in batches for r in b["rewards"].tolist()]
 
-        entry = dict(step=step + 1, lr=lr_at(step, args), grad_norm=float(grad_norm), rollout_s=t_rollout,
-                     update_s=t_update, images_per_s=len(rewards_all) / max(t_rollout, 1e-9),
-                     tokens_per_s=batch["tokens"].numel() * args.grad_accum / max(t_rollout, 1e-9))
+        entry = dict(step=step + 1, lr=lr_at(step, args), grad_norm=float(grad_norm), rollout_s=t_sample,
+                     score_s=t_score, update_s=t_update, images_per_s=len(rewards_all) / max(t_sample, 1e-9),
+                     tokens_per_s=sum(b["tokens"].numel() for b in batches) / max(t_sample, 1e-9))
         entry.update(gather_means(stats_acc, tags, rewards_all))
         if args.eval_every and (step + 1) % args.eval_every == 0 and rank == 0:
             entry.update(self_check_eval(sampler_model, processor, eval_tasks, args, device))
@@ -372,6 +379,10 @@ def merge_batches(batches):
     for k, v in batches[0].items():
         if isinstance(v, torch.Tensor):
             out[k] = torch.cat([b[k] for b in batches])
+        elif isinstance(v, float):  # seconds
+            out[k] = sum(b[k] for b in batches)
+        elif k == "trajectory":  # per step: concatenate the rows of every group
+            out[k] = [{f: torch.cat([b[k][s][f] for b in batches]) for f in v[s]} for s in range(len(v))]
         else:
             out[k] = [x for b in batches for x in b[k]]
     return out
