@@ -40,8 +40,9 @@ def k3_kl(logp, logp_ref, clamp=10.0):
 def aggregate(per_token, mask, how="grpo", max_len=None):
     """Reduce a [B, T] per-token loss to a scalar over the tokens where mask is True."""
     mask = mask.float()
-    if how == "grpo":
-        return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    if how == "grpo":  # sequences without any token (e.g. skipped groups) leave the mean
+        rows = mask.sum(1)
+        return ((per_token * mask).sum(1) / rows.clamp(min=1)).sum() / (rows > 0).sum().clamp(min=1)
     if how == "dapo":
         return (per_token * mask).sum() / mask.sum().clamp(min=1)
     if how == "dr_grpo":
@@ -148,7 +149,8 @@ def image_logprobs(model, processor, batch, group_size, cfg_weight=5.0, temperat
 
 
 def grpo_loss(model, processor, batch, group_size, ref_model=None, beta=0.0, cfg_weight=5.0, temperature=1.0,
-              janus_logp="cond", optimize="both", agg="grpo", adv_std=True, w_img=1.0, w_ans=1.0, generator=None):
+              janus_logp="cond", optimize="both", agg="grpo", adv_std=True, w_img=1.0, w_ans=1.0, generator=None,
+              skip_flat_groups=False):
     """GRPO loss of a rollout batch (images grouped by prompt, group_size each). Returns (loss, stats).
 
     janus_logp: "cond" (default: conditional row, one row per image; the CFG sampler makes it slightly off-policy)
@@ -156,6 +158,8 @@ def grpo_loss(model, processor, batch, group_size, ref_model=None, beta=0.0, cfg
     estimator with one mask ratio per group, the same masks for the reference.
     optimize: "t2i" | "mmu" | "both". Answer tokens get their image's advantage; answers are decoded greedily, so
     that term is advantage-weighted self-training of the answer rather than an on-policy gradient.
+    skip_flat_groups: groups whose rewards are all equal (zero advantage) leave the loss entirely, KL included
+    (they are still computed, weighted 0, so every rank runs the same forwards).
     """
     from sft import answer_logprobs
     device = next(model.parameters()).device
@@ -163,8 +167,9 @@ def grpo_loss(model, processor, batch, group_size, ref_model=None, beta=0.0, cfg
     adv = group_advantages(rewards.view(-1, group_size), adv_std).view(-1)
     use_ref = ref_model is not None and beta > 0
     loss = torch.zeros((), device=device)
-    stats = dict(flat_groups=float((rewards.view(-1, group_size).std(1) == 0).float().mean()),
-                 adv_abs=float(adv.abs().mean()))
+    flat = rewards.view(-1, group_size).std(1) == 0
+    keep = ~flat.repeat_interleave(group_size) if skip_flat_groups else torch.ones_like(rewards, dtype=torch.bool)
+    stats = dict(flat_groups=float(flat.float().mean()), adv_abs=float(adv.abs().mean()))
     if optimize in ("t2i", "both"):
         masks = batch.get("showo_masks")  # fixed per rollout when the rollout gets several updates
         if hasattr(model, "showo") and masks is None:
@@ -175,7 +180,8 @@ def grpo_loss(model, processor, batch, group_size, ref_model=None, beta=0.0, cfg
             with torch.no_grad():
                 ref, _ = image_logprobs(ref_model, processor, batch, group_size, cfg_weight, temperature, janus_logp,
                                         masks)
-        l_img, s = policy_loss(lp, adv, covered, batch.get("logp_old_img"), ref, beta, agg=agg, max_len=covered.shape[1])
+        l_img, s = policy_loss(lp, adv, covered & keep[:, None], batch.get("logp_old_img"), ref, beta, agg=agg,
+                               max_len=covered.shape[1])
         loss = loss + w_img * l_img
         stats.update({f"img_{k}": v for k, v in s.items()}, loss_img=l_img.item())
     if optimize in ("mmu", "both"):
@@ -185,7 +191,8 @@ def grpo_loss(model, processor, batch, group_size, ref_model=None, beta=0.0, cfg
         if use_ref:
             with torch.no_grad():
                 ref, _ = answer_logprobs(ref_model, processor, batch, idx, batch["answer_ids"])
-        l_ans, s = policy_loss(lp, adv, mask, batch.get("logp_old_ans"), ref, beta, agg=agg, max_len=mask.shape[1])
+        l_ans, s = policy_loss(lp, adv, mask & keep[:, None], batch.get("logp_old_ans"), ref, beta, agg=agg,
+                               max_len=mask.shape[1])
         loss = loss + w_ans * l_ans
         stats.update({f"ans_{k}": v for k, v in s.items()}, loss_ans=l_ans.item())
     return loss, stats

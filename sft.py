@@ -44,9 +44,10 @@ def mmu_loss(logprobs, mask):
 
 @torch.no_grad()
 def rollout(model, processor, tasks, images_per_prompt, cfg_weight=None, temperature=1.0, generator=None,
-            max_answer_tokens=100, normalize=False, steps=None, trajectory=False):
+            max_answer_tokens=100, normalize=False, steps=None, trajectory=False, judge=None):
     """UniRL's data: sample images for every task, let the model judge each one. Either family.
 
+    judge: the model that answers (default: the same model; a frozen copy keeps the reward from drifting).
     Returns a flat batch of B = tasks x images_per_prompt: tasks, tokens [B, N], images uint8, sample_logprobs,
     answers, answer_ids, rewards [B], correct [B] (and Show-o's sampling trajectory if asked).
     """
@@ -56,8 +57,8 @@ def rollout(model, processor, tasks, images_per_prompt, cfg_weight=None, tempera
     t1 = time.perf_counter()
     flat = [t for t in tasks for _ in range(images_per_prompt)]
     showo = hasattr(model, "showo")
-    check = self_check(model, processor, None if showo else out["images"], flat, max_answer_tokens, normalize,
-                       tokens=out["tokens"] if showo else None)
+    check = self_check(judge or model, processor, None if showo else out["images"], flat, max_answer_tokens,
+                       normalize, tokens=out["tokens"] if showo else None)
     extra = {k: out[k] for k in ("trajectory", "attention_mask") if k in out}
     return dict(tasks=flat, tokens=out["tokens"], images=out["images"], sample_logprobs=out["logprobs"], **check,
                 **extra, sample_s=t1 - t0, score_s=time.perf_counter() - t1)
