@@ -41,6 +41,9 @@ def test_aggregations_by_hand():
     assert float(grpo.aggregate(loss, mask, "dr_grpo", max_len=4)) == pytest.approx(2.25)
     with pytest.raises(ValueError, match="aggregation"):
         grpo.aggregate(loss, mask, "mean")
+    # a sequence without tokens (a skipped flat group) leaves the grpo mean instead of counting as zero
+    empty = torch.tensor([[False, False, False], [True, True, True]])
+    assert float(grpo.aggregate(loss, empty, "grpo")) == pytest.approx(5.0)
 
 
 def test_on_policy_gradient_is_minus_advantage_times_grad_logp():
