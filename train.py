@@ -34,6 +34,7 @@ from tqdm import tqdm
 import grpo
 import reward
 import sft
+import toy
 from model import load_model
 from understand import self_check
 
@@ -41,22 +42,37 @@ GENEVAL_METADATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
                                 "evaluation_metadata.jsonl")
 
 
+TOY_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy")
+# Defaults that depend on the model. Real checkpoints: the paper's settings (lr 1e-5, guidance 5, group = per-GPU
+# batch) and spec/method.md's reconstruction (beta 0.2, answers trained too). The toy world (toy.py, the shipped
+# ~1M-parameter model): what works on 2 CPU cores in minutes - a feasibility study saw lr 3e-4 collapse, and a
+# self-judged run hacked its own judge unless the judge stayed frozen and a small KL held the generator near it.
+PAPER_DEFAULTS = dict(lr=1e-5, warmup=50, steps=1000, minutes=0.0, cfg=5.0, beta=0.2, optimize="both",
+                      prompts_per_rank=1, frozen_judge=False, skip_flat_groups=False, eval_every=0,
+                      reward_normalize=False)
+TOY_DEFAULTS = dict(lr=1e-4, warmup=5, steps=100_000, minutes=10.0, cfg=2.0, beta=0.02, optimize="t2i",
+                    prompts_per_rank=8, frozen_judge=True, skip_flat_groups=True, eval_every=25,
+                    reward_normalize=True)
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--algo", choices=["sft", "grpo"], default="grpo")
-    ap.add_argument("--model", required=True, help="checkpoint folder (Janus / Janus-Pro or Show-o)")
+    ap.add_argument("--model", default=TOY_CHECKPOINT,
+                    help="checkpoint folder (Janus / Janus-Pro or Show-o); default: the shipped toy-world model")
     ap.add_argument("--vq", help="Show-o only: the MAGVIT-v2 folder, if not inside --model")
     ap.add_argument("--out", default="runs/unirl", help="checkpoints and log.jsonl")
     # data
     ap.add_argument("--tasks", type=int, default=5000, help="size of the constructed training set")
     ap.add_argument("--exclude", default=GENEVAL_METADATA,
                     help="GenEval metadata whose prompts never become training prompts ('' = no dedup)")
-    ap.add_argument("--prompts-per-rank", type=int, default=1, help="prompt groups per rank per micro-step")
+    ap.add_argument("--prompts-per-rank", type=int, help="prompt groups per rank per micro-step")
     ap.add_argument("--group-size", type=int, default=0, help="images per prompt (0 = UniRL's: 8 Janus, 3 Show-o)")
     # optimisation
-    ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--lr", type=float, default=1e-5)
-    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--minutes", type=float, help="also stop after this much wall time (0 = no limit)")
+    ap.add_argument("--lr", type=float)
+    ap.add_argument("--warmup", type=int)
     ap.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
@@ -69,19 +85,26 @@ def parse_args(argv=None):
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard per block); for Janus-Pro-7B")
     # sampling
-    ap.add_argument("--cfg", type=float, default=5.0, help="guidance while sampling (UniRL's eval: 5 for both)")
+    ap.add_argument("--cfg", type=float, help="guidance while sampling")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--showo-steps", type=int, default=50, help="Show-o MaskGIT steps per image")
     ap.add_argument("--max-answer-tokens", type=int, default=100)
     # GRPO
-    ap.add_argument("--beta", type=float, default=0.2, help="k3 KL coefficient (0 skips the reference model)")
+    ap.add_argument("--beta", type=float, help="k3 KL coefficient (0 skips the reference model)")
     ap.add_argument("--logp", choices=["cond", "cfg"], default="cond", help="Janus image log-prob estimator")
     ap.add_argument("--showo-logp", choices=["masked", "trajectory"], default="masked",
                     help="Show-o image log-prob estimator: one masked pass, or a replay of the sampling steps")
-    ap.add_argument("--optimize", choices=["t2i", "mmu", "both"], default="both")
+    ap.add_argument("--optimize", choices=["t2i", "mmu", "both"], help="which tokens GRPO trains")
+    ap.add_argument("--reward", choices=["self", "oracle"], default="self",
+                    help="self: the model's own answers (UniRL); oracle: the toy world's exact evaluator")
+    ap.add_argument("--frozen-judge", action=argparse.BooleanOptionalAction,
+                    help="answer with a frozen copy of the initial model instead of the one being trained")
+    ap.add_argument("--skip-flat-groups", action=argparse.BooleanOptionalAction,
+                    help="groups with equal rewards leave the GRPO loss (KL included)")
     ap.add_argument("--agg", choices=grpo.AGGREGATIONS, default="grpo")
     ap.add_argument("--no-adv-std", action="store_true", help="Dr. GRPO advantages r - mean")
-    ap.add_argument("--reward-normalize", action="store_true", help="reward = matched slots / slots")
+    ap.add_argument("--reward-normalize", action=argparse.BooleanOptionalAction,
+                    help="reward = matched slots / slots (else the count of matched slots)")
     # SFT
     ap.add_argument("--sft-mmu-filter", choices=["all", "verified"], default="all")
     ap.add_argument("--cond-dropout", type=float, default=0.1)
@@ -93,7 +116,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--keep", type=int, default=3, help="checkpoints kept")
-    ap.add_argument("--eval-every", type=int, default=0, help="self-check eval hook every N steps (0 = off)")
+    ap.add_argument("--eval-every", type=int, help="evaluation hook every N steps (0 = off)")
     ap.add_argument("--eval-tasks", type=int, default=48)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--stop-after", type=int, default=0, help="end this process after N steps (for testing resume)")
@@ -151,7 +174,7 @@ class Objective(nn.Module):
         if a.algo == "grpo":
             loss, stats = grpo.grpo_loss(self.model, self.processor, batch, a.group_size, self.frozen[0], a.beta,
                                          a.cfg, a.temperature, a.logp, a.optimize, a.agg, not a.no_adv_std,
-                                         generator=batch["generator"])
+                                         generator=batch["generator"], skip_flat_groups=a.skip_flat_groups)
         else:
             loss, stats = sft.sft_loss(self.model, self.processor, batch, mmu_filter=a.sft_mmu_filter,
                                        cond_dropout=a.cond_dropout, generator=batch["generator"],
@@ -255,16 +278,27 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
 
+    if not os.path.isdir(args.model):
+        raise SystemExit(f"--model {args.model!r} is not a folder" + (" (the toy checkpoint is made by "
+                         "`python toy.py pretrain --out assets/toy`)" if args.model == TOY_CHECKPOINT else ""))
     model, processor = load_model(args.model, device=device, dtype=torch.float32, vq_dir=args.vq)
+    toy_world = bool(getattr(model.cfg, "palette", ()))  # a palette image tokenizer exists only in the toy world
+    for key, value in (TOY_DEFAULTS if toy_world else PAPER_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.reward == "oracle" and not toy_world:
+        raise SystemExit("--reward oracle needs the toy world: real images have no exact evaluator")
     args.group_size = args.group_size or (3 if hasattr(model, "showo") else 8)
     n_trainable = set_trainable(model)
     if args.activation_checkpointing:
         (model.showo if hasattr(model, "showo") else model.language_model.model).checkpointing = True
-    ref_model = None
-    if args.algo == "grpo" and args.beta > 0:  # frozen copy of the initial weights
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    frozen = None
+    if (args.algo == "grpo" and args.beta > 0) or args.frozen_judge:  # a frozen copy of the initial weights
+        frozen = copy.deepcopy(model).eval().requires_grad_(False)
         if device.type == "cuda":
-            ref_model.to(torch.bfloat16)
+            frozen.to(torch.bfloat16)
+    ref_model = frozen if args.algo == "grpo" and args.beta > 0 else None
+    judge = frozen if args.frozen_judge else None
     sampler_model = model  # DDP: the training module itself samples (optimizer updates are in place)
     objective = Objective(model, processor, args, ref_model)
     if args.fsdp:
@@ -286,10 +320,21 @@ def main(argv=None):
     else:
         optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
 
-    exclude = reward.geneval_prompts(args.exclude) if args.exclude and os.path.isfile(args.exclude) else None
     report = {}
-    tasks = reward.make_tasks(args.tasks, args.seed, exclude_prompts=exclude, report=report)
-    eval_tasks = reward.make_tasks(args.eval_tasks, args.seed + 1, exclude_prompts=exclude) if args.eval_every else []
+    if toy_world:  # the toy world's own classes; its evaluation prompts are held out by seed
+        tasks, eval_tasks = toy.make_toy_tasks(args.tasks, args.seed), toy.make_toy_tasks(args.eval_tasks, 10_000 + args.seed)
+    else:
+        exclude = reward.geneval_prompts(args.exclude) if args.exclude and os.path.isfile(args.exclude) else None
+        tasks = reward.make_tasks(args.tasks, args.seed, exclude_prompts=exclude, report=report)
+        eval_tasks = reward.make_tasks(args.eval_tasks, args.seed + 1, exclude_prompts=exclude)
+
+    def evaluate():
+        if toy_world:  # exact toy-GenEval, and how often the judge's "correct" is really correct
+            res = toy.toy_geneval(sampler_model, processor, eval_tasks, 2, args.cfg, args.seed, with_judge=True,
+                                  judge=judge)
+            return dict(toy_geneval=res["overall"], **{f"toy_geneval_{t}": v for t, v in res["per_tag"].items()},
+                        judge_precision=res["judge"]["all"]["precision"], judge_recall=res["judge"]["all"]["recall"])
+        return self_check_eval(sampler_model, processor, eval_tasks, args, device)
 
     start = 0
     ckpts = sorted(glob.glob(os.path.join(args.out, "step_*[0-9]")))
@@ -301,6 +346,11 @@ def main(argv=None):
         print(f"{args.algo}: {n_trainable / 1e6:.1f}M trainable parameters, {world} rank(s), {len(tasks)} tasks "
               f"({report.get('excluded', 0)} candidates excluded as GenEval prompts), steps {start}..{args.steps}")
     log = open(os.path.join(args.out, "log.jsonl"), "a") if rank == 0 else None
+    before = after = None
+    if args.eval_every and rank == 0 and start == 0:  # the starting point, logged as step 0
+        before = after = dict(step=0, **evaluate())
+        log.write(json.dumps(before) + "\n")
+    t_start = time.time()
     bar = tqdm(range(start, args.steps), disable=rank != 0, initial=start, total=args.steps, desc=args.algo)
     per_step = args.prompts_per_rank * args.grad_accum
     # bf16 matmuls on GPU with fp32 master weights (FSDP2 casts its gathered parameters itself); fp32 on CPU
@@ -319,7 +369,11 @@ def main(argv=None):
                 batch = merge_batches([
                     sft.rollout(sampler_model, processor, [tasks[s % len(tasks)]], args.group_size, args.cfg,
                                 args.temperature, task_generator(args, step, s), args.max_answer_tokens,
-                                args.reward_normalize, args.showo_steps, trajectory) for s in slots])
+                                args.reward_normalize, args.showo_steps, trajectory, judge) for s in slots])
+            if args.reward == "oracle":  # the exact evaluator replaces the model's answers (toy world only)
+                batch["rewards"] = torch.tensor([toy.oracle_reward(c, t, partial=True)
+                                                 for c, t in zip(batch["tokens"], batch["tasks"])])
+                batch["correct"] = torch.tensor([toy.judge(c, t) for c, t in zip(batch["tokens"], batch["tasks"])])
             batch["generator"] = task_generator(args, step, slots[0])  # SFT dropout / Show-o mask draws
             if args.algo == "grpo" and args.updates_per_rollout > 1:
                 with autocast:
@@ -359,18 +413,33 @@ def main(argv=None):
                      score_s=t_score, update_s=t_update, images_per_s=len(rewards_all) / max(t_sample, 1e-9),
                      tokens_per_s=sum(b["tokens"].numel() for b in batches) / max(t_sample, 1e-9))
         entry.update(gather_means(stats_acc, tags, rewards_all))
-        if args.eval_every and (step + 1) % args.eval_every == 0 and rank == 0:
-            entry.update(self_check_eval(sampler_model, processor, eval_tasks, args, device))
+        out_of_time = torch.tensor(float(bool(args.minutes) and time.time() - t_start > 60 * args.minutes))
+        if dist.is_initialized():  # rank 0's clock decides for everyone
+            dist.broadcast(out_of_time, 0)
+        last = step + 1 == args.steps or bool(out_of_time) or (args.stop_after and step + 1 - start >= args.stop_after)
+        if args.eval_every and ((step + 1) % args.eval_every == 0 or last) and rank == 0:
+            entry.update(evaluate())
+            after = entry
         if rank == 0:
             log.write(json.dumps(entry) + "\n")
             log.flush()
             bar.set_postfix(reward=f"{entry.get('reward', 0):.3f}", loss=f"{entry.get('loss_img', entry.get('loss_t2i', 0)):.3f}")
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+        if (step + 1) % args.save_every == 0 or last:
             ckpts.append(save_checkpoint(args, step + 1, objective if args.fsdp else model, optimizer, rank, args.model))
-        if args.stop_after and step + 1 - start >= args.stop_after:
+        if last:
             break
+    if rank == 0 and before:
+        print_before_after(before, after)
     if dist.is_initialized():
         dist.destroy_process_group()
+    return before, after
+
+
+def print_before_after(before, after):
+    keys = [k for k in before if isinstance(before[k], float)]
+    print(f"{'':28s} {'before':>8s} {'after':>8s}")
+    for k in keys:
+        print(f"{k:28s} {before[k]:8.3f} {after.get(k, float('nan')):8.3f}")
 
 
 def merge_batches(batches):
