@@ -342,11 +342,12 @@ def oracle_reward(codes, task, partial=False):
 
 
 @torch.no_grad()
-def toy_geneval(model, processor, tasks, images_per_task=4, cfg=2.0, seed=0, with_judge=False, batch=64, judge=None):
+def toy_geneval(model, processor, tasks, images_per_task=4, cfg=2.0, seed=0, with_judge=False, batch=64,
+                judge_model=None):
     """Toy-GenEval: generate, judge exactly; overall = unweighted mean over tags (as GenEval).
     with_judge: also the model's self-check (understand.self_check) against judge(): precision of its
-    "correct" verdicts and recall of the truly correct images, per tag and pooled. judge: the model that answers,
-    if not `model` itself (train.py's frozen judge)."""
+    "correct" verdicts and recall of the truly correct images, per tag and pooled. judge_model: the model that
+    answers, if not `model` itself (train.py's frozen judge)."""
     from generate import janus_generate
     from understand import self_check
     gen = torch.Generator().manual_seed(seed)
@@ -357,7 +358,8 @@ def toy_geneval(model, processor, tasks, images_per_task=4, cfg=2.0, seed=0, wit
         out = janus_generate(model, processor, [t["prompt"] for t in chunk], images_per_task, cfg, generator=gen)
         flat = [t for t in chunk for _ in range(images_per_task)]
         truth = [judge(c, t) for c, t in zip(out["tokens"], flat)]
-        said = self_check(judge or model, processor, out["images"], flat)["correct"].tolist() if with_judge else truth
+        said = self_check(judge_model or model, processor, out["images"], flat)["correct"].tolist() if with_judge \
+            else truth
         rows += [(t["tag"], a, b) for t, a, b in zip(flat, truth, said)]
     tags = [t for t in reward.TAGS if any(r[0] == t for r in rows)]
     per_tag = {t: float(np.mean([r[1] for r in rows if r[0] == t])) for t in tags}

@@ -331,7 +331,7 @@ def main(argv=None):
     def evaluate():
         if toy_world:  # exact toy-GenEval, and how often the judge's "correct" is really correct
             res = toy.toy_geneval(sampler_model, processor, eval_tasks, 2, args.cfg, args.seed, with_judge=True,
-                                  judge=judge)
+                                  judge_model=judge)
             return dict(toy_geneval=res["overall"], **{f"toy_geneval_{t}": v for t, v in res["per_tag"].items()},
                         judge_precision=res["judge"]["all"]["precision"], judge_recall=res["judge"]["all"]["recall"])
         return self_check_eval(sampler_model, processor, eval_tasks, args, device)
