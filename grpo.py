@@ -85,9 +85,10 @@ def policy_loss(logp, advantages, mask=None, logp_old=None, logp_ref=None, beta=
 def draw_showo_masks(n_groups, group_size, num_tokens, generator=None):
     """One mask ratio per group (cos(pi t / 2), t ~ U(0, 1), k = max(1, round(N gamma))), k random positions per
     image: [n_groups * group_size, N] bool. Drawn once and shared by pi_theta and pi_ref."""
-    t = torch.rand(n_groups, generator=generator)
+    device = generator.device if generator is not None else "cpu"
+    t = torch.rand(n_groups, generator=generator, device=device)
     k = (num_tokens * torch.cos(t * math.pi / 2)).round().clamp(min=1).repeat_interleave(group_size)
-    order = torch.rand(n_groups * group_size, num_tokens, generator=generator).argsort(1)
+    order = torch.rand(n_groups * group_size, num_tokens, generator=generator, device=device).argsort(1)
     return order < k[:, None]
 
 

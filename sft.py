@@ -33,7 +33,8 @@ def janus_t2i_loss(model, processor, prompts, tokens, cond_dropout=0.0, generato
     so that the model keeps its classifier-free-guidance ability (our choice, method.md marks it [SPEC])."""
     uncond = None
     if cond_dropout > 0:
-        uncond = torch.rand(len(prompts), generator=generator) < cond_dropout
+        device = generator.device if generator is not None else tokens.device
+        uncond = torch.rand(len(prompts), generator=generator, device=device) < cond_dropout
     return -janus_image_logprobs(model, processor, prompts, tokens, mode="cond", uncond=uncond).mean()
 
 

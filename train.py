@@ -207,9 +207,10 @@ def blocks(model):
     return model.showo.model.layers if hasattr(model, "showo") else model.language_model.model.layers
 
 
-def task_generator(args, step, slot):
-    """The RNG of one prompt group: a function of (seed, step, slot) only, never of the rank layout."""
-    return torch.Generator().manual_seed(args.seed * 1_000_003 + step * 10_007 + slot)
+def task_generator(args, step, slot, device):
+    """The RNG of one prompt group: a function of (seed, step, slot) only, never of the rank layout. It lives on
+    the device, so samplers draw from it without host round trips."""
+    return torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * 10_007 + slot)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -263,7 +264,8 @@ def self_check_eval(model, processor, tasks, args, device):
     """The eval hook: one image per held-out task, judged by the model itself; accuracy overall and per tag."""
     correct = []
     for i, task in enumerate(tasks):
-        batch = sft.rollout(model, processor, [task], 1, args.cfg, args.temperature, torch.Generator().manual_seed(i),
+        batch = sft.rollout(model, processor, [task], 1, args.cfg, args.temperature,
+                            torch.Generator(device).manual_seed(i),
                             args.max_answer_tokens, steps=args.showo_steps)
         correct.append(bool(batch["correct"][0]))
     per_tag = {}
@@ -368,13 +370,13 @@ def main(argv=None):
             with autocast:
                 batch = merge_batches([
                     sft.rollout(sampler_model, processor, [tasks[s % len(tasks)]], args.group_size, args.cfg,
-                                args.temperature, task_generator(args, step, s), args.max_answer_tokens,
+                                args.temperature, task_generator(args, step, s, device), args.max_answer_tokens,
                                 args.reward_normalize, args.showo_steps, trajectory, judge) for s in slots])
             if args.reward == "oracle":  # the exact evaluator replaces the model's answers (toy world only)
                 batch["rewards"] = torch.tensor([toy.oracle_reward(c, t, partial=True)
                                                  for c, t in zip(batch["tokens"], batch["tasks"])])
                 batch["correct"] = torch.tensor([toy.judge(c, t) for c, t in zip(batch["tokens"], batch["tasks"])])
-            batch["generator"] = task_generator(args, step, slots[0])  # SFT dropout / Show-o mask draws
+            batch["generator"] = task_generator(args, step, slots[0], device)  # SFT dropout / Show-o masks
             if args.algo == "grpo" and args.updates_per_rollout > 1:
                 with autocast:
                     grpo.record_old_logprobs(model, processor, batch, args.group_size, args.cfg, args.temperature,
