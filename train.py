@@ -48,10 +48,10 @@ TOY_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "asset
 # ~1M-parameter model): what works on 2 CPU cores in minutes - a feasibility study saw lr 3e-4 collapse, and a
 # self-judged run hacked its own judge unless the judge stayed frozen and a small KL held the generator near it.
 PAPER_DEFAULTS = dict(lr=1e-5, warmup=50, steps=1000, minutes=0.0, cfg=5.0, beta=0.2, optimize="both",
-                      prompts_per_rank=1, frozen_judge=False, skip_flat_groups=False, eval_every=0,
+                      prompts_per_rank=1, frozen_judge=False, skip_flat_groups=False, eval_every=0, eval_tasks=48,
                       reward_normalize=False)
 TOY_DEFAULTS = dict(lr=1e-4, warmup=5, steps=100_000, minutes=10.0, cfg=2.0, beta=0.02, optimize="t2i",
-                    prompts_per_rank=8, frozen_judge=True, skip_flat_groups=True, eval_every=25,
+                    prompts_per_rank=8, frozen_judge=True, skip_flat_groups=True, eval_every=25, eval_tasks=120,
                     reward_normalize=True)
 
 
@@ -117,7 +117,7 @@ def parse_args(argv=None):
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--keep", type=int, default=3, help="checkpoints kept")
     ap.add_argument("--eval-every", type=int, help="evaluation hook every N steps (0 = off)")
-    ap.add_argument("--eval-tasks", type=int, default=48)
+    ap.add_argument("--eval-tasks", type=int, help="held-out tasks of the evaluation hook")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--stop-after", type=int, default=0, help="end this process after N steps (for testing resume)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
