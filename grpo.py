@@ -18,6 +18,7 @@ import math
 import torch
 
 from generate import janus_image_logprobs
+from sft import answer_logprobs
 
 AGGREGATIONS = ("grpo", "dapo", "dr_grpo")
 
@@ -162,7 +163,6 @@ def grpo_loss(model, processor, batch, group_size, ref_model=None, beta=0.0, cfg
     skip_flat_groups: groups whose rewards are all equal (zero advantage) leave the loss entirely, KL included
     (they are still computed, weighted 0, so every rank runs the same forwards).
     """
-    from sft import answer_logprobs
     device = next(model.parameters()).device
     rewards = batch["rewards"].to(device)
     adv = group_advantages(rewards.view(-1, group_size), adv_std).view(-1)
@@ -204,7 +204,6 @@ def record_old_logprobs(model, processor, batch, group_size, cfg_weight=5.0, tem
                         generator=None):
     """Before the first of several updates on one rollout: freeze pi_old's log-probs (and Show-o's masks) in the
     batch, so that the later updates see ratios pi_theta / pi_old and the clip becomes active."""
-    from sft import answer_logprobs
     if hasattr(model, "showo") and "trajectory" not in batch:
         batch["showo_masks"] = draw_showo_masks(len(batch["rewards"]) // group_size, group_size,
                                                 model.config.num_vq_tokens, generator)

@@ -13,10 +13,11 @@ answer) for all images, or only the verified ones (mmu_filter="verified").
 End-to-end: a straight-through Gumbel-softmax over the image-code logits z lets L_MMU reach generation:
     y_soft = softmax((z + g) / tau),  y = onehot(x) + y_soft - stopgrad(y_soft)
 Janus understands pixels, so y goes through the VQ decoder and SigLIP: pixels = Dec(y @ normalize(E)), clamped to
-[-1, 1] (our choice of route; the paper's is unpublished). Cost: one VQ decode + ViT forward/backward per image on
-top of the MMU pass, and the generation replay forward. It runs as a two-phase backward (spec/method.md 5.3) so
-no graph is held across both models: (1) MMU backward to the one-hot leaf gives G = dL/dy, (2) the generation
-replay backward of sum <G, y_soft>, which is exactly the straight-through gradient.
+[-1, 1] (our choice of route; the paper's is unpublished; cost: one VQ decode + ViT forward/backward per image on
+top of the MMU pass, and the generation replay forward). Show-o reads tokens, so y enters as y @ E[image codes].
+train.py runs it in one autograd graph (end_to_end_mmu_loss); janus_end_to_end_backward is the memory-light
+two-phase form (spec/method.md 5.3): (1) MMU backward to the one-hot leaf gives G = dL/dy, (2) the generation
+replay backward of sum <G, y_soft>, which is exactly the straight-through gradient (tests/test_sft.py).
 """
 import time
 
