@@ -10,6 +10,7 @@ RNG is re-seeded every step from (seed, step, rank), so a resumed run repeats th
 storing any RNG state.
 
 Launch:
+    python train.py --algo grpo                                # the toy world: the shipped tiny model, 10 min on CPU
     python train.py --algo grpo --model /ckpt/Janus-Pro-1B                                  # one GPU (or CPU)
     torchrun --standalone --nproc_per_node=8 train.py --algo grpo --model /ckpt/Janus-Pro-1B  # 8 GPUs, DDP
     torchrun --nnodes=2 --node_rank=$R --master_addr=$IP --master_port=29500 --nproc_per_node=8 \\
