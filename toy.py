@@ -466,12 +466,13 @@ def save_weights(model, out):
 # Pretraining: generation from rendered scenes; understanding from rendered, broken and self-generated images
 
 
-def mmu_example(rng, buffer, own=0.3):
+def mmu_example(rng, buffer, own=0.3, off=0.25):
     """(codes [64], question tag) for one understanding example: one of the model's own generations (buffer of
-    (codes, task), with probability `own`), else an off-distribution image or a rendered scene (near miss or not)."""
+    (codes, task)) with probability `own`, else an off-distribution image with probability `off`, else a
+    rendered scene for a random task (half of them near misses)."""
     if buffer and rng.random() < own:
         codes, task = rng.choice(buffer)
-    elif rng.random() < 0.35:
+    elif rng.random() < off:
         codes, task = off_distribution(rng), None
     else:
         task, scene = random_scene(rng)
@@ -481,11 +482,11 @@ def mmu_example(rng, buffer, own=0.3):
     return codes, tag
 
 
-def mmu_step_loss(model, processor, rng, n, buffer, own=0.3):
+def mmu_step_loss(model, processor, rng, n, buffer, own=0.3, off=0.25):
     """Answer cross-entropy on n examples whose targets are the truthful answers (describe(read_scene))."""
     from sft import mmu_loss
     from understand import janus_answer_logprobs, janus_pixels
-    codes, tags = zip(*[mmu_example(rng, buffer, own) for _ in range(n)])
+    codes, tags = zip(*[mmu_example(rng, buffer, own, off) for _ in range(n)])
     codes = torch.stack(codes)
     answers = [describe(read_scene(c), t) for c, t in zip(codes, tags)]
     pixels = janus_pixels(processor, to_pixels(codes))
@@ -522,36 +523,43 @@ def own_generations(model, processor, rng, n, generator):
     return list(zip(out["tokens"], tasks))
 
 
-def pretrain(out, steps=4000, t2i_steps=4000, calib_from=3000, batch=64, lr=2e-3, seed=0, eval_every=250,
-             caption_noise=0.5):
+def pretrain(out, phases=(1000, 1500, 1000), batch=64, lr=2e-3, seed=0, eval_every=250, caption_noise=0.6):
     """Train a fresh tiny Janus into `out` (config, tokenizer, model.safetensors, pretrain_log.jsonl).
 
-    steps [0, t2i_steps): generation + understanding; then understanding only (the judge trains longer).
-    Every 50 steps the model draws `batch` images for the self-generation buffer (newest 40 draws kept), which
-    feeds 30% of the understanding examples. From calib_from on (calibration), half of every understanding batch
-    is freshly drawn by the model itself (a new draw every 10 steps), labelled by the exact evaluator."""
+    Three phases of (read, draw, calibrate) steps; understanding trains in all three, generation only in the second:
+      1 read       understanding only, on clean rendered scenes and near misses. Shape reading "clicks" after a
+                   few hundred steps on clean data; mixed with noise and generation from the start it had not
+                   clicked after 1250 steps.
+      2 draw       + generation (noisy captions); understanding adds off-distribution images and a buffer of the
+                   model's own drawings (a new draw of `batch` every 50 steps, the newest 40 draws kept).
+      3 calibrate  understanding only; half of every batch is freshly drawn by the model (a new draw every
+                   10 steps), labelled by the exact evaluator. Its "correct" verdicts must be right on its own images.
+    """
     from tqdm import tqdm
     write_checkpoint_files(out)
     model, processor = fresh_model(out, seed)
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     eval_tasks = make_toy_tasks(120, seed + 1)
+    steps, draw_from, calib_from = sum(phases), phases[0], phases[0] + phases[1]
     buffer, recent, log = [], [], open(os.path.join(out, "pretrain_log.jsonl"), "w")
     t0 = time.time()
     for step in (bar := tqdm(range(steps), desc="pretrain", mininterval=5)):
         for g in opt.param_groups:  # 100 warmup steps, then cosine to 10%
             g["lr"] = lr * min(1, (step + 1) / 100) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
-        if step > 0 and step % 50 == 0:
-            buffer = (buffer + own_generations(model, processor, rng, batch, gen))[-40 * batch:]
-        if step >= calib_from and step % 10 == 0:
-            recent = own_generations(model, processor, rng, batch, gen)
-        if step >= calib_from:
+        loss_t2i = torch.zeros(())
+        if step < draw_from:
+            loss_mmu = mmu_step_loss(model, processor, rng, batch, [], own=0, off=0)
+        elif step < calib_from:
+            if step % 50 == 0:
+                buffer = (buffer + own_generations(model, processor, rng, batch, gen))[-40 * batch:]
+            loss_mmu = mmu_step_loss(model, processor, rng, batch, buffer)
+            loss_t2i = t2i_step_loss(model, processor, rng, batch // 2, gen, caption_noise)
+        else:
+            if step % 10 == 0:
+                recent = own_generations(model, processor, rng, batch, gen)
             loss_mmu = (mmu_step_loss(model, processor, rng, batch // 2, buffer)
                         + mmu_step_loss(model, processor, rng, batch // 2, recent, own=1.0)) / 2
-        else:
-            loss_mmu = mmu_step_loss(model, processor, rng, batch, buffer)
-        loss_t2i = (t2i_step_loss(model, processor, rng, batch // 2, gen, caption_noise) if step < t2i_steps
-                    else torch.zeros(()))
         opt.zero_grad(set_to_none=True)
         (loss_mmu + loss_t2i).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -591,10 +599,9 @@ def main():
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pretrain", help="train the toy checkpoint from scratch")
     p.add_argument("--out", default="assets/toy")
-    p.add_argument("--steps", type=int, default=4000)
-    p.add_argument("--t2i-steps", type=int, default=4000, help="generation is trained for the first N steps only")
-    p.add_argument("--caption-noise", type=float, default=0.5, help="share of T2I pairs showing a near miss")
-    p.add_argument("--calib-from", type=int, default=3000, help="calibration on own generations from step N")
+    p.add_argument("--phases", type=int, nargs=3, default=[1000, 1500, 1000], metavar=("READ", "DRAW", "CALIB"),
+                   help="steps of the three phases (see pretrain)")
+    p.add_argument("--caption-noise", type=float, default=0.6, help="share of T2I pairs showing a near miss")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
     p = sub.add_parser("eval", help="toy-GenEval per tag and judge precision/recall of a checkpoint")
@@ -608,7 +615,7 @@ def main():
     torch.set_num_threads(args.threads)
     if args.command == "pretrain":
         t0 = time.time()
-        model, processor = pretrain(args.out, args.steps, args.t2i_steps, args.calib_from, seed=args.seed,
+        model, processor = pretrain(args.out, tuple(args.phases), seed=args.seed,
                                      caption_noise=args.caption_noise)
         print(f"pretraining took {(time.time() - t0) / 60:.1f} min; final evaluation:")
     else:
