@@ -171,3 +171,28 @@ def test_grpo_raises_a_synthetic_reward_showo_masked_estimator():
         opt.step()
     after = mean_reward(sample, K)
     assert after > before + 0.15, (before, after)
+
+
+@pytest.mark.skipif(not (JANUS and SHOWO), reason=f"needs janus* and showo* fixtures under {FIXTURES}")
+@pytest.mark.parametrize("which", ["janus", "showo"])
+def test_old_policy_equals_on_policy_at_the_first_update(which):
+    """record_old_logprobs freezes pi_old = pi_theta (and Show-o's masks): the first update of a rollout, at
+    ratio 1, gives exactly the on-policy loss and gradient."""
+    import sft
+    folder = (JANUS if which == "janus" else SHOWO)[0]
+    m, p = model.load_model(folder)
+    tasks = [dict(prompt="a photo of a cat", question="What is the main item in this image?", answer="cat",
+                  tag="single_object", include=[{"class": "cat", "count": 1}])]
+    batch = sft.rollout(m, p, tasks, 3, 2.0, generator=torch.Generator().manual_seed(0), max_answer_tokens=3,
+                        steps=2)
+    batch["rewards"] = torch.tensor([0.0, 1.0, 0.5])  # a non-flat group
+    grpo.record_old_logprobs(m, p, batch, 3, 2.0, generator=torch.Generator().manual_seed(1))
+    with_old, _ = grpo.grpo_loss(m, p, batch, 3, cfg_weight=2.0)
+    g_old = torch.autograd.grad(with_old, [q for q in m.parameters() if q.requires_grad], allow_unused=True)
+    on_policy = {k: v for k, v in batch.items() if k not in ("logp_old_img", "logp_old_ans")}
+    plain, _ = grpo.grpo_loss(m, p, on_policy, 3, cfg_weight=2.0)
+    g_plain = torch.autograd.grad(plain, [q for q in m.parameters() if q.requires_grad], allow_unused=True)
+    assert with_old.item() == pytest.approx(plain.item(), abs=1e-6)
+    for a, b in zip(g_old, g_plain):
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
