@@ -29,9 +29,16 @@ from model import IGNORE_ID, omni_attention_mask, t2i_prompt, t2i_train_prompt
 from understand import janus_answer_logprobs, janus_pixels, self_check, showo_answer_logprobs
 
 
-def janus_t2i_loss(model, processor, prompts, tokens, cond_dropout=0.0, generator=None):
+def janus_t2i_loss(model, processor, prompts, tokens, cond_dropout=0.0, generator=None, cfg_weight=None):
     """Next-code NLL of the images, conditional branch; with prob cond_dropout a row sees the unconditional prompt
-    so that the model keeps its classifier-free-guidance ability (our choice, method.md marks it [SPEC])."""
+    so that the model keeps its classifier-free-guidance ability (our choice, method.md marks it [SPEC]).
+
+    cfg_weight: the NLL of the guided distribution u + w (c - u) that drew the images instead. Why: fitting the
+    conditional branch alone to guided samples makes the next guided draw sharper still (c -> c^w / u^(w-1) on
+    every round), a runaway that in the toy world filled the canvas with colour within 100 steps even when only
+    exactly-correct images were kept; fitting the sampler itself has the kept images as its fixed point."""
+    if cfg_weight is not None:
+        return -janus_image_logprobs(model, processor, prompts, tokens, cfg_weight, mode="cfg").mean()
     uncond = None
     if cond_dropout > 0:
         device = generator.device if generator is not None else tokens.device
@@ -79,10 +86,11 @@ def showo_t2i_loss(model, processor, prompts, codes, cond_dropout=0.1):
     return showo_training_losses(model, ids, mask, labels, len(prompts), 0, 0)[1]
 
 
-def t2i_loss(model, processor, prompts, tokens, cond_dropout=0.0, generator=None):
+def t2i_loss(model, processor, prompts, tokens, cond_dropout=0.0, generator=None, cfg_weight=None):
+    """The family's T2I loss; cfg_weight (Janus only) fits the guided sampler, see janus_t2i_loss."""
     if hasattr(model, "showo"):
         return showo_t2i_loss(model, processor, prompts, tokens, cond_dropout)
-    return janus_t2i_loss(model, processor, prompts, tokens, cond_dropout, generator)
+    return janus_t2i_loss(model, processor, prompts, tokens, cond_dropout, generator, cfg_weight)
 
 
 def answer_logprobs(model, processor, batch, idx, answers, detach_image=True):
@@ -96,7 +104,7 @@ def answer_logprobs(model, processor, batch, idx, answers, detach_image=True):
 
 
 def sft_loss(model, processor, batch, lambda_t2i=1.0, lambda_mmu=1.0, mmu_filter="all", cond_dropout=0.0,
-             generator=None, end_to_end=False, tau=1.0):
+             generator=None, end_to_end=False, tau=1.0, t2i_cfg_weight=None):
     """Non-end-to-end SFT loss on a rollout batch. Returns (loss, stats).
 
     Each term is its mean over the kept images scaled by kept / B, i.e. a mean over ALL B images in which the
@@ -104,6 +112,7 @@ def sft_loss(model, processor, batch, lambda_t2i=1.0, lambda_mmu=1.0, mmu_filter
     DDP's gradient average over ranks equals one process on the concatenated batch. Both forwards always run
     (over every image, weighted 0, when none was kept), so all ranks run the same modules, as FSDP requires.
     end_to_end: the MMU term reads the image as straight-through one-hots, so it also trains generation.
+    t2i_cfg_weight: Janus T2I term on the guided distribution that sampled the images (see janus_t2i_loss).
     """
     B = len(batch["correct"])
     keep = {"t2i": batch["correct"],
@@ -115,7 +124,7 @@ def sft_loss(model, processor, batch, lambda_t2i=1.0, lambda_mmu=1.0, mmu_filter
         share = int(keep[term].sum()) / B
         if term == "t2i":
             value = t2i_loss(model, processor, [batch["tasks"][i]["prompt"] for i in rows],
-                             batch["tokens"][rows].to(device), cond_dropout, generator)
+                             batch["tokens"][rows].to(device), cond_dropout, generator, t2i_cfg_weight)
         elif end_to_end:
             value = end_to_end_mmu_loss(model, processor, [batch["tasks"][i]["prompt"] for i in rows],
                                         batch["tokens"][rows].to(device), [batch["tasks"][i]["question"] for i in rows],

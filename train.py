@@ -92,7 +92,9 @@ def parse_args(argv=None):
     ap.add_argument("--max-answer-tokens", type=int, default=100)
     # GRPO
     ap.add_argument("--beta", type=float, help="k3 KL coefficient (0 skips the reference model)")
-    ap.add_argument("--logp", choices=["cond", "cfg"], default="cond", help="Janus image log-prob estimator")
+    ap.add_argument("--logp", choices=["cond", "cfg"],
+                    help="Janus image log-probs: conditional row or the guided sampler's (GRPO's ratio and KL; SFT's "
+                         "T2I target). Default: cond, except toy-world SFT: cfg")
     ap.add_argument("--showo-logp", choices=["masked", "trajectory"], default="masked",
                     help="Show-o image log-prob estimator: one masked pass, or a replay of the sampling steps")
     ap.add_argument("--optimize", choices=["t2i", "mmu", "both"], help="which tokens GRPO trains")
@@ -179,7 +181,8 @@ class Objective(nn.Module):
         else:
             loss, stats = sft.sft_loss(self.model, self.processor, batch, mmu_filter=a.sft_mmu_filter,
                                        cond_dropout=a.cond_dropout, generator=batch["generator"],
-                                       end_to_end=a.end_to_end, tau=a.tau)
+                                       end_to_end=a.end_to_end, tau=a.tau,
+                                       t2i_cfg_weight=a.cfg if a.logp == "cfg" else None)
         if not a.fsdp:  # DDP reduces every trainable parameter: let each join the graph (with weight 0), also
             # the ones a run leaves unused (e.g. lm_head with --optimize t2i). FSDP2 copes with unused ones itself.
             loss = loss + 0.0 * sum(p.reshape(-1)[0] for p in self.model.parameters() if p.requires_grad)
@@ -289,6 +292,8 @@ def main(argv=None):
     for key, value in (TOY_DEFAULTS if toy_world else PAPER_DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.logp is None:  # toy SFT fitting the conditional row to guided samples ran away (sft.janus_t2i_loss)
+        args.logp = "cfg" if toy_world and args.algo == "sft" else "cond"
     if args.reward == "oracle" and not toy_world:
         raise SystemExit("--reward oracle needs the toy world: real images have no exact evaluator")
     args.group_size = args.group_size or (3 if hasattr(model, "showo") else 8)

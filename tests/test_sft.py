@@ -80,7 +80,14 @@ def test_t2i_loss_is_the_code_nll_and_dropout_uses_the_unconditional_prompt():
         cfg0 = generate.janus_image_logprobs(m, p, ["a cat"] * 2, tokens, cfg_weight=0.0, mode="cfg")  # = uncond
         assert float(sft.janus_t2i_loss(m, p, ["a cat"] * 2, tokens)) == pytest.approx(float(-cond.mean()))
         dropped = sft.janus_t2i_loss(m, p, ["a cat"] * 2, tokens, cond_dropout=1.0)
+        # the guided target: weight 1 is the conditional row again, weight 3 the sampler's own distribution
+        guided1 = sft.janus_t2i_loss(m, p, ["a cat"] * 2, tokens, cfg_weight=1.0)
+        guided3 = sft.janus_t2i_loss(m, p, ["a cat"] * 2, tokens, cfg_weight=3.0)
+        cfg3 = generate.janus_image_logprobs(m, p, ["a cat"] * 2, tokens, cfg_weight=3.0, mode="cfg")
     assert float(dropped) == pytest.approx(float(-cfg0.mean()), abs=1e-5)
+    assert float(guided1) == pytest.approx(float(-cond.mean()), abs=1e-5)
+    assert float(guided3) == pytest.approx(float(-cfg3.mean()), abs=1e-6)
+    assert abs(float(guided3) - float(guided1)) > 1e-3
 
 
 @need_fixture
