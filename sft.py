@@ -1,7 +1,8 @@
 """
 SFT on self-generated data: the model draws, judges its own drawings, and learns from what it judged correct.
 
-    L_T2I = -(1/N) sum_t log p(x_t | prompt, x_<t)           Janus: next-code NLL of the N image codes
+    L_T2I = -(1/N) sum_t log p(x_t | prompt, x_<t)           Janus: next-code NLL of the N image codes, under the
+                                                              conditional row or the guided sampler (cfg_weight)
                                                               Show-o: its masked-token loss (official training)
     L_MMU = -(1/M) sum_t log p(a*_t | image, q, a*_<t)        answer-token cross-entropy (reference answer + EOS)
     L     = lambda_t2i L_T2I + lambda_mmu L_MMU
