@@ -522,7 +522,7 @@ def t2i_step_loss(model, processor, rng, n, generator, caption_noise=0.5):
 
     Captions are noisy on purpose: with probability caption_noise the image is a near miss of its prompt
     (wrong count, colour, class or position; a missing object), as web captions often are. This fixes the
-    generator's quality (about 0.4 toy-GenEval at CFG 2) however long it trains, and gives it GenEval's
+    generator's quality (about 0.35 toy-GenEval at CFG 2) however long it trains, and gives it GenEval's
     failure modes, which self-reward can then remove. A clean-caption generator learnt this world in ~1000
     steps (toy-GenEval 0.68 at step 750 and rising), far ahead of the judge, so stopping early was no option."""
     from sft import janus_t2i_loss
