@@ -19,7 +19,7 @@ hold, and `exclude` clauses {class, count} none of which may hold. For every gen
                 GenEval score = unweighted mean over the six tags of the per-tag share of correct images
                 (not the pooled image accuracy, and not the prompt-level "any image correct").
 
-Constants and code paths follow evaluation/evaluate_images.py and summary_scores.py (shared/spec/geneval.md
+Constants and code paths follow evaluation/evaluate_images.py and summary_scores.py (spec geneval.md
 sections 3-5). results.jsonl carries the official keys, so the official summary_scores.py runs on our output and
 `summary` here runs on the official evaluator's output. Scores equal published GenEval only with the official
 detector and CLIP ViT-L-14 colour classifier plugged in; the built-in ScriptedDetector and PaletteColours are for
@@ -44,6 +44,7 @@ from PIL import Image, ImageDraw, ImageOps
 from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
+GENEVAL_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "geneval")  # shipped copies
 TAGS = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
 COLOURS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white"]  # GenEval's order
 DEFAULT_OPTIONS = dict(  # names and defaults of evaluate_images.py's --options
@@ -507,7 +508,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p = commands.add_parser("generate", help="sample images into the official folder layout (resumable)")
     p.add_argument("--model", required=True, help="checkpoint folder")
-    p.add_argument("--metadata", required=True, help="GenEval evaluation_metadata.jsonl (read by path)")
+    p.add_argument("--metadata", default=os.path.join(GENEVAL_DATA, "evaluation_metadata.jsonl"),
+                   help="GenEval evaluation_metadata.jsonl (default: the copy in data/geneval)")
     p.add_argument("--outdir", required=True)
     p.add_argument("--n", type=int, default=4, help="images per prompt (GenEval: 4)")
     p.add_argument("--batch", type=int, default=16, help="images per sampler call")
@@ -531,7 +533,8 @@ def main(argv=None):
     p.add_argument("results")
     p = commands.add_parser("selfcheck", help="the model answers its own questions: Acc(MMU|T2I), Acc(T2I|MMU)")
     p.add_argument("--model", required=True)
-    p.add_argument("--metadata", required=True, help="UniRL's evaluation_metadata_qa.jsonl (question, answer)")
+    p.add_argument("--metadata", default=os.path.join(GENEVAL_DATA, "evaluation_metadata_qa.jsonl"),
+                   help="UniRL's evaluation_metadata_qa.jsonl (question, answer; default: the copy in data/geneval)")
     p.add_argument("--imagedir", required=True, help="a folder written by `generate` with this model")
     p.add_argument("--results", help="results.jsonl of `score` on --imagedir (enables Acc(MMU|T2I))")
     p.add_argument("--reference-dir", help="GenEval folder of ANOTHER checkpoint, for Acc(T2I|MMU)")

@@ -1,6 +1,5 @@
 """GenEval scoring: the decision rules on synthetic detections with hand-derived verdicts, the official folder
 layout, and the summary formula. No weights: ScriptedDetector reads detections written into the test PNGs."""
-import glob
 import json
 import os
 
@@ -9,6 +8,7 @@ import pytest
 from PIL import Image
 
 import eval_geneval as ge
+from data_paths import fixture_dirs
 
 BLANK = Image.new("RGB", (64, 64))
 PALETTE = ge.PaletteColours()
@@ -237,12 +237,9 @@ def test_score_round_trip_into_summary(tmp_path, capsys):
 # -----------------------------------------------------------------------------------------------------------
 # generate -> official layout -> score -> summary -> selfcheck, on a fixture model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.environ.get("UNIRL_FIXTURES", os.path.join(ROOT, "..", "shared", "fixtures"))
-MODEL_DIRS = sorted(glob.glob(os.path.join(FIXTURES, "janus*")))[:1] + sorted(glob.glob(os.path.join(FIXTURES, "showo*")))[:1]
+MODEL_DIRS = fixture_dirs("janus")[:1] + fixture_dirs("showo")[:1]
 
 
-@pytest.mark.skipif(not MODEL_DIRS, reason=f"no fixture models under {FIXTURES}")
 @pytest.mark.parametrize("model_dir", MODEL_DIRS, ids=os.path.basename)
 def test_generate_layout_score_summary_round_trip(model_dir, tmp_path, capsys):
     rows = [{"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": "a photo of a cat",

@@ -1,6 +1,5 @@
 """The Janus sampler's mechanics: compiled decode step (traced once, no recompiles), exact exponential-race sampling,
 top-k/top-p, left-padded prompt batches, log-probs, and the CLI."""
-import glob
 import os
 import subprocess
 import sys
@@ -12,10 +11,10 @@ from PIL import Image
 import generate
 import model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.environ.get("UNIRL_FIXTURES", os.path.join(ROOT, "..", "shared", "fixtures"))
-JANUS_DIRS = sorted(d for d in glob.glob(os.path.join(FIXTURES, "janus*")) if os.path.isdir(d))
-need_fixture = pytest.mark.skipif(not JANUS_DIRS, reason=f"no janus* fixture under {FIXTURES}")
+from data_paths import ROOT, fixture_dirs
+
+JANUS_DIRS = fixture_dirs("janus")
+SHOWO_DIRS = fixture_dirs("showo")
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +22,6 @@ def janus():
     return model.load_janus(JANUS_DIRS[0])
 
 
-@need_fixture
 def test_compiled_decode_step_is_traced_once_and_matches_eager(janus):
     from torch._dynamo.testing import CompileCounter
     m, p = janus
@@ -61,7 +59,6 @@ def test_top_k_and_top_p_filters():
     assert keep_p.tolist() == [[True, True, True, False]]
 
 
-@need_fixture
 def test_left_padded_prompt_batch_equals_one_prompt_at_a_time(janus):
     m, p = janus
     prompts = ["a cat", "a photo of a purple bench and a green giraffe"]
@@ -72,7 +69,6 @@ def test_left_padded_prompt_batch_equals_one_prompt_at_a_time(janus):
         torch.testing.assert_close(alone["logits"], together["logits"][2 * i: 2 * i + 2], atol=1e-5, rtol=0)
 
 
-@need_fixture
 def test_logprobs_match_a_teacher_forced_forward(janus):
     """The recorded log-probs equal those of one full forward over [prompt, codes]: what GRPO will recompute."""
     m, p = janus
@@ -90,7 +86,6 @@ def test_logprobs_match_a_teacher_forced_forward(janus):
     torch.testing.assert_close(out["logprobs"], want, atol=1e-4, rtol=0)
 
 
-@need_fixture
 def test_cli_writes_pngs_and_grid(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "generate.py"), "--model", JANUS_DIRS[0], "--prompt", "two cats",
            "--n", "3", "--seed", "0", "--out", str(tmp_path)]
@@ -104,7 +99,6 @@ def test_cli_writes_pngs_and_grid(tmp_path):
     assert bad.returncode != 0 and "is not a folder" in bad.stderr
 
 
-@need_fixture
 def test_teacher_forced_image_logprobs_reproduce_the_sampler(janus):
     """janus_image_logprobs(mode="cfg") is the sampling policy: it equals the rollout's recorded log-probs, for
     a left-padded batch of prompts of different lengths; mode="cond" uses the conditional rows alone."""
@@ -126,7 +120,6 @@ def test_teacher_forced_image_logprobs_reproduce_the_sampler(janus):
     torch.testing.assert_close(cond_lp[:2], want, atol=1e-4, rtol=0)
 
 
-@need_fixture
 def test_answer_logprobs_match_a_single_row_forward(janus):
     """Batched, left-padded teacher-forced answer log-probs equal a plain one-row forward over prompt + answer."""
     import understand
@@ -149,10 +142,6 @@ def test_answer_logprobs_match_a_single_row_forward(janus):
             torch.testing.assert_close(lp[i][mask[i]], want, atol=1e-5, rtol=0)
 
 
-SHOWO_DIRS = sorted(d for d in glob.glob(os.path.join(FIXTURES, "showo*")) if os.path.isdir(d))
-
-
-@pytest.mark.skipif(not SHOWO_DIRS, reason=f"no showo* fixture under {FIXTURES}")
 def test_showo_text_prefix_cache_changes_nothing():
     m, p = model.load_model(SHOWO_DIRS[0])
     runs = {}

@@ -1,9 +1,9 @@
 """Parity against the golden fixtures: tiny random-weight models in the ORIGINAL checkpoint layout, run through the
 official implementations (deepseek-ai/Janus, showlab/Show-o). Every fixture folder under $UNIRL_FIXTURES (default
-../shared/fixtures) whose name starts with `janus` or `showo` is checked case by case at the tolerances its README
-states; sizes, seeds, prompts and ids all come from the folder. The Show-o part also checks full-size names and
-shapes against ../shared/spec/keys, every weight-file layout, and one clear error per kind of broken checkpoint."""
-import glob
+tests/fixtures) whose name starts with `janus` or `showo` is checked case by case at the tolerances its README
+states; sizes, seeds, prompts and ids all come from the folder (no folder of a family: a failure, not a skip). The
+Show-o part also checks full-size names and shapes against tests/keys, every weight-file layout, and one clear
+error per kind of broken checkpoint."""
 import json
 import math
 import os
@@ -22,9 +22,9 @@ import sft
 import understand
 from model import CheckpointError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.environ.get("UNIRL_FIXTURES", os.path.join(ROOT, "..", "shared", "fixtures"))
-JANUS_DIRS = sorted(d for d in glob.glob(os.path.join(FIXTURES, "janus*")) if os.path.isdir(d))
+from data_paths import fixture_dirs, key_file
+
+JANUS_DIRS = fixture_dirs("janus")
 
 FLOAT_TOL = 1e-5  # logits, hidden states, features, embeddings, cfg logits, VQ pixels and latents
 PIXEL_TOL = 1e-6  # image-processor outputs
@@ -62,9 +62,7 @@ def conversation_text(processor, conversation, system):
     return processor.chat([(m["role"], m["content"]) for m in conversation], system)
 
 
-janus_dirs = pytest.mark.parametrize("folder", JANUS_DIRS or [pytest.param(None, id="none", marks=pytest.mark.skip(
-    reason=f"no janus* fixture folder under {os.path.abspath(FIXTURES)} (set UNIRL_FIXTURES)"))],
-    ids=os.path.basename)
+janus_dirs = pytest.mark.parametrize("folder", JANUS_DIRS, ids=os.path.basename)
 
 
 @janus_dirs
@@ -194,12 +192,9 @@ def test_janus_cfg_generation(folder):
 # ===========================================================================================================
 # Show-o and MAGVIT-v2
 
-SHOWO_DIRS = sorted(d for d in glob.glob(os.path.join(FIXTURES, "showo*")) if os.path.isdir(d))
-KEYS = os.path.join(ROOT, "..", "shared", "spec", "keys")
+SHOWO_DIRS = fixture_dirs("showo")
 
-showo_dirs = pytest.mark.parametrize("folder", SHOWO_DIRS or [pytest.param(None, id="none", marks=pytest.mark.skip(
-    reason=f"no showo* fixture folder under {os.path.abspath(FIXTURES)} (set UNIRL_FIXTURES)"))], ids=os.path.basename)
-need_showo_keys = pytest.mark.skipif(not os.path.isdir(KEYS), reason=f"no key lists at {os.path.abspath(KEYS)}")
+showo_dirs = pytest.mark.parametrize("folder", SHOWO_DIRS, ids=os.path.basename)
 
 
 def same_bits(name, got, want):
@@ -567,7 +562,7 @@ def showo_key_list(*names):
     """spec/keys/<name>.txt -> {tensor name: (shape, dtype)}, in file order."""
     out = {}
     for name in names:
-        for line in open(os.path.join(KEYS, name + ".txt")):
+        for line in open(key_file(name + ".txt")):
             key, shape, dtype = line.rstrip("\n").split("\t")
             out[key] = (torch.Size(json.loads(shape)), dtype)
     return out
@@ -577,7 +572,6 @@ def showo_meta_state(m):
     return {k: (v.shape, str(v.dtype).removeprefix("torch.")) for k, v in m.state_dict().items()}
 
 
-@need_showo_keys
 @pytest.mark.parametrize("w_clip_vit", [False, True], ids=["showo", "showo_w_clip_vit"])
 def test_showo_full_size_names_and_shapes(w_clip_vit):
     got = showo_meta_state(model.build_on_meta(model.ShowO, model.ShowOConfig(w_clip_vit=w_clip_vit)))
@@ -586,7 +580,6 @@ def test_showo_full_size_names_and_shapes(w_clip_vit):
     assert sum(s.numel() for s, _ in got.values()) == (1_454_472_322 if w_clip_vit else 1_448_176_770)
 
 
-@need_showo_keys
 def test_magvit_full_size_names_and_shapes():
     got = showo_meta_state(model.build_on_meta(model.MagvitV2, model.MagvitConfig()))
     assert list(got.items()) == list(showo_key_list("magvitv2").items())

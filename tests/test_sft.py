@@ -1,6 +1,5 @@
 """SFT losses: straight-through Gumbel-softmax, the two-phase end-to-end backward against one autograd graph,
 the T2I and MMU losses by hand, and the non-end-to-end recipe's filtering."""
-import glob
 import os
 
 import pytest
@@ -10,11 +9,10 @@ import generate
 import model
 import sft
 import understand
+from data_paths import fixture_dirs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.environ.get("UNIRL_FIXTURES", os.path.join(ROOT, "..", "shared", "fixtures"))
-JANUS_DIRS = sorted(d for d in glob.glob(os.path.join(FIXTURES, "janus*")) if os.path.isdir(d))
-need_fixture = pytest.mark.skipif(not JANUS_DIRS, reason=f"no janus* fixture under {FIXTURES}")
+JANUS_DIRS = fixture_dirs("janus")
+SHOWO_DIRS = fixture_dirs("showo")
 
 
 def perturbed_janus():
@@ -47,7 +45,6 @@ def test_mmu_loss_by_hand():
     assert float(sft.mmu_loss(lp, mask)) == pytest.approx((1.5 + 1.0) / 2)
 
 
-@need_fixture
 def test_two_phase_end_to_end_gradient_equals_one_graph():
     m, p = perturbed_janus()
     m.train()
@@ -71,7 +68,6 @@ def test_two_phase_end_to_end_gradient_equals_one_graph():
         torch.testing.assert_close(got[n], reference[n], atol=1e-6, rtol=1e-4, msg=n)
 
 
-@need_fixture
 def test_t2i_loss_is_the_code_nll_and_dropout_uses_the_unconditional_prompt():
     m, p = perturbed_janus()
     tokens = generate.janus_generate(m, p, ["a cat"], 2, greedy=True, decode=False)["tokens"]
@@ -90,7 +86,6 @@ def test_t2i_loss_is_the_code_nll_and_dropout_uses_the_unconditional_prompt():
     assert abs(float(guided3) - float(guided1)) > 1e-3
 
 
-@need_fixture
 def test_sft_loss_trains_t2i_only_on_verified_images():
     m, p = perturbed_janus()
     tasks = [dict(prompt="a photo of a cat", question="What is the main item in this image?", answer="cat",
@@ -115,10 +110,6 @@ def test_sft_loss_trains_t2i_only_on_verified_images():
     assert m.language_model.lm_head.weight.grad.abs().sum() > 0
 
 
-SHOWO_DIRS = sorted(d for d in glob.glob(os.path.join(FIXTURES, "showo*")) if os.path.isdir(d))
-
-
-@pytest.mark.skipif(not SHOWO_DIRS, reason=f"no showo* fixture under {FIXTURES}")
 def test_showo_end_to_end_answer_loss_reaches_generation():
     """The one-hot image rows equal the token embeddings in value (same loss as the discrete path) and carry the
     answer loss back to the generation logits."""

@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 
 import train
 
+from data_paths import fixture_dirs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.environ.get("UNIRL_FIXTURES", os.path.join(ROOT, "..", "shared", "fixtures"))
-JANUS = sorted(glob.glob(os.path.join(FIXTURES, "janus*")))[:1]
-need_model = pytest.mark.skipif(not JANUS, reason=f"no janus* fixture under {FIXTURES}")
+JANUS = fixture_dirs("janus")[:1]
 
 
 def common(out, algo, steps=2):
@@ -33,7 +33,6 @@ def assert_same_weights(a, b, atol):
     assert worst <= atol, f"weights differ by {worst:.3g}"
 
 
-@need_model
 @pytest.mark.parametrize("algo,sharding", [("sft", "ddp"), ("grpo", "ddp"), ("sft", "fsdp")])
 def test_torchrun_two_ranks_equal_one_process(algo, sharding, tmp_path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
@@ -55,7 +54,6 @@ def test_torchrun_two_ranks_equal_one_process(algo, sharding, tmp_path):
     assert len(logs[0]) == len(logs[1]) == 2
 
 
-@need_model
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
     whole, split = tmp_path / "whole", tmp_path / "split"
     train.main(common(whole, "sft", steps=3))
@@ -66,7 +64,6 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
     assert len(open(split / "log.jsonl").read().splitlines()) == 3
 
 
-@need_model
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     out = tmp_path / "run"
     train.main(common(out, "sft", steps=1))

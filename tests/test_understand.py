@@ -1,6 +1,5 @@
 """understand.py: the CLI on both fixture models, Show-o's KV-cached answers against teacher forcing, mixed-question
 batches, and the self-check's rewards."""
-import glob
 import os
 import subprocess
 import sys
@@ -12,14 +11,12 @@ import generate
 import model
 import reward
 import understand
+from data_paths import ROOT, fixture_dirs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.environ.get("UNIRL_FIXTURES", os.path.join(ROOT, "..", "shared", "fixtures"))
-JANUS = sorted(glob.glob(os.path.join(FIXTURES, "janus*")))[:1]
-SHOWO = sorted(glob.glob(os.path.join(FIXTURES, "showo*")))[:1]
+JANUS = fixture_dirs("janus")[:1]
+SHOWO = fixture_dirs("showo")[:1]
 
 
-@pytest.mark.skipif(not (JANUS and SHOWO), reason=f"needs janus* and showo* fixtures under {FIXTURES}")
 @pytest.mark.parametrize("which", ["janus", "showo"])
 def test_cli_answers_on_both_fixture_models(which, tmp_path):
     folder = (JANUS if which == "janus" else SHOWO)[0]
@@ -40,7 +37,6 @@ def showo():
     return model.load_model(SHOWO[0])
 
 
-@pytest.mark.skipif(not SHOWO, reason=f"no showo* fixture under {FIXTURES}")
 def test_showo_sampled_answer_logprobs_match_teacher_forcing(showo):
     m, p = showo
     codes = generate.showo_generate(m, p, ["a cat", "a dog"], 1, timesteps=3, decode=False,
@@ -55,7 +51,6 @@ def test_showo_sampled_answer_logprobs_match_teacher_forcing(showo):
         torch.testing.assert_close(lp[i][mask[i]], out["logprobs"][i], atol=1e-4, rtol=0)
 
 
-@pytest.mark.skipif(not SHOWO, reason=f"no showo* fixture under {FIXTURES}")
 def test_showo_mixed_questions_equal_one_row_at_a_time(showo):
     m, p = showo
     codes = torch.randint(0, m.config.codebook_size, (3, m.config.num_vq_tokens), generator=torch.Generator().manual_seed(2))
@@ -65,7 +60,6 @@ def test_showo_mixed_questions_equal_one_row_at_a_time(showo):
         assert understand.showo_answer(m, p, codes[i:i + 1], questions[i:i + 1], max_new_tokens=4)["ids"][0] == together[i]
 
 
-@pytest.mark.skipif(not JANUS, reason=f"no janus* fixture under {FIXTURES}")
 def test_self_check_rewards_are_the_slot_scores_of_the_answers():
     m, p = model.load_model(JANUS[0])
     tasks = reward.make_tasks(4, seed=0)
