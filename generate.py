@@ -21,7 +21,7 @@ import os
 import torch
 from tqdm import tqdm
 
-from model import KVCache, attention_bias, load_model, to_uint8
+from model import attention_bias, load_model, reusable_cache, to_uint8
 
 
 def left_pad(seqs, pad_id):
@@ -140,10 +140,14 @@ def janus_generate(model, processor, prompts, n_per_prompt=1, cfg_weight=5.0, te
     ids, valid = left_pad(cond + [unconditional_ids(s, pad_id) for s in cond], pad_id)
     ids, valid = ids.to(device), valid.to(device)
     L = ids.shape[1]
-    key_valid = torch.cat([valid, torch.ones(2 * B, T, dtype=torch.bool, device=device)], dim=1)  # [2B, L+T]
+    # one cache per model, reused across calls (and so across rollouts): a compiled step keeps its graph. Its S
+    # slots may exceed L + T; the slots past L + T stay masked.
+    cache = reusable_cache(model, "t2i", cfg, 2 * B, L + T, dtype, device)
+    S = cache.max_len
+    key_valid = torch.cat([valid, torch.ones(2 * B, T, dtype=torch.bool, device=device),
+                           torch.zeros(2 * B, S - L - T, dtype=torch.bool, device=device)], dim=1)  # [2B, S]
     positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # [2B, L]; left pads get 0, they are masked anyway
     unpadded = bool(valid.all())
-    cache = KVCache(cfg, 2 * B, L + T, dtype, device)
     if not eager and device.type == "cuda":  # in-place cache writes inside a CUDA graph need fixed addresses
         torch._dynamo.mark_static_address(cache.k)
         torch._dynamo.mark_static_address(cache.v)
@@ -305,7 +309,7 @@ def showo_maskgit(model, input_ids, uncond_input_ids=None, attention_mask=None, 
     cache = None
     if cache_prefix:
         dtype = model.showo.model.embed_tokens.weight.dtype
-        cache = KVCache(model.config, len(rows), L, dtype, rows.device)
+        cache = reusable_cache(model, "maskgit", model.config, len(rows), L, dtype, rows.device).prefix(L)
         model.hidden_states(rows[:, :P], mask[:, :, :P], cache=cache, slots=torch.arange(P, device=rows.device))
     span = torch.arange(P, L, device=rows.device)  # <|soi|> image <|eoi|>
     for step in tqdm(range(timesteps), disable=not progress, desc="maskgit steps", leave=False):

@@ -17,6 +17,8 @@ import json
 import math
 import os
 import re
+import sys
+import weakref
 from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
@@ -327,6 +329,12 @@ def apply_rope(x, cos, sin):
     return x * cos + rotated * sin
 
 
+# The additive-mask minimum of every dtype we compute in: bfloat16's, which is exact in float32 too. float32's own
+# minimum (-3.40e38) rounds to -inf when a mask is cast to bfloat16 (autocast does that), and a fully masked
+# left-pad row then turns its softmax into NaN. Added to any real score it is still absorbed: exp() gives 0.
+MASK_MIN = torch.finfo(torch.bfloat16).min
+
+
 def attention_bias(key_valid, query_slots, dtype):
     """Additive mask [B, 1, Lq, S]: query at cache slot q sees slots s <= q that hold a real (non-pad) key.
 
@@ -335,8 +343,7 @@ def attention_bias(key_valid, query_slots, dtype):
     S = key_valid.shape[1]
     causal = torch.arange(S, device=key_valid.device)[None, :] <= query_slots[:, None]  # [Lq, S]
     allowed = causal[None] & key_valid[:, None, :].bool()  # [B, Lq, S]
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-        ~allowed, torch.finfo(dtype).min)[:, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, MASK_MIN)[:, None]
 
 
 class KVCache:
@@ -356,6 +363,28 @@ class KVCache:
         view = KVCache.__new__(KVCache)
         view.k, view.v = self.k[..., :n, :], self.v[..., :n, :]
         return view
+
+    @property
+    def max_len(self):
+        return self.k.shape[3]
+
+
+_caches = weakref.WeakKeyDictionary()  # model -> {purpose: KVCache}; freed with the model
+CACHE_GRANULE = 256  # caches grow in steps of this many slots, so that prompt lengths share one compiled shape
+
+
+def reusable_cache(model, purpose, cfg, batch, min_len, dtype, device):
+    """The model's KVCache for `purpose` ("t2i", "answer", ...), allocated once and reused by every later call
+    with the same rows, dtype and device; it grows (rounded up to CACHE_GRANULE) only when min_len does not fit.
+    Reuse keeps the tensors' addresses, so a CUDA graph that captured them replays instead of re-recording each
+    rollout. Unfilled slots are always masked by the caller, so stale keys from an earlier call are never seen."""
+    pool = _caches.setdefault(model, {})
+    cache = pool.get(purpose)
+    if (cache is None or cache.k.shape[1] != batch or cache.max_len < min_len or cache.k.dtype != dtype
+            or cache.k.device != torch.device(device)):
+        pool.pop(purpose, None)  # free the old one before allocating the new one
+        cache = pool[purpose] = KVCache(cfg, batch, -(-min_len // CACHE_GRANULE) * CACHE_GRANULE, dtype, device)
+    return cache
 
 
 class LlamaAttention(nn.Module):
@@ -791,16 +820,52 @@ class Janus(nn.Module):
         return self.gen_head(hidden)
 
     @classmethod
-    def from_pretrained(cls, ckpt_dir, device=None, dtype=None):
+    def from_pretrained(cls, ckpt_dir, device=None, dtype=None, roles=None):
         """Load an original (deepseek-ai) or transformers-converted (deepseek-community) checkpoint folder."""
-        cfg, sd = read_janus_checkpoint(ckpt_dir)
+        cfg, sd = read_janus_checkpoint(ckpt_dir, roles)
         model = build_on_meta(cls, cfg)
         optional = [k for k in model.state_dict() if k.startswith(JANUS_UNUSED)]
         return load_strict(model, sd, optional, dtype, device, where=ckpt_dir).eval()
 
 
-def read_janus_checkpoint(ckpt_dir):
-    """-> (JanusConfig, state dict in the original layout) of a checkpoint folder."""
+# The chat roles are not in any file of the released checkpoints (janus.md 4.1): Janus-1.3B's code says "User",
+# Janus-Pro's "<|User|>". train.py writes ROLES_FILE into every checkpoint folder it saves, so a trained model
+# keeps its template wherever the folder goes.
+JANUS_ROLES = {"janus-pro": ("<|User|>", "<|Assistant|>"), "janus-1.3b": ("User", "Assistant")}
+ROLES_FILE = "janus_roles.json"
+
+
+def janus_roles(ckpt_dir, roles=None):
+    """(user, assistant) role strings: `roles` ("janus-pro" | "janus-1.3b") if given, else the folder's
+    janus_roles.json, else - as a last resort, with a warning - a guess from the path ("1.3b" in it: Janus-1.3B)."""
+    if roles is not None:
+        if roles not in JANUS_ROLES:
+            raise ValueError(f"roles must be one of {sorted(JANUS_ROLES)}, not {roles!r}")
+        return JANUS_ROLES[roles]
+    path = os.path.join(ckpt_dir, ROLES_FILE)
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                d = json.load(f)
+            user, assistant = d["user_role"], d["assistant_role"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: expected {{\"user_role\": str, \"assistant_role\": str}} ({e!r})") from e
+        if not (isinstance(user, str) and isinstance(assistant, str)):
+            raise ValueError(f"{path}: user_role and assistant_role must be strings")
+        return user, assistant
+    guess = "janus-1.3b" if "1.3b" in os.path.abspath(ckpt_dir).lower() else "janus-pro"
+    print(f"warning: {ckpt_dir} has no {ROLES_FILE}; chat roles guessed from the path: {guess} "
+          f"{JANUS_ROLES[guess]} (pass roles= / --roles to choose)", file=sys.stderr)
+    return JANUS_ROLES[guess]
+
+
+def write_janus_roles(ckpt_dir, cfg):
+    with open(os.path.join(ckpt_dir, ROLES_FILE), "w") as f:
+        json.dump(dict(user_role=cfg.user_role, assistant_role=cfg.assistant_role), f)
+
+
+def read_janus_checkpoint(ckpt_dir, roles=None):
+    """-> (JanusConfig, state dict in the original layout) of a checkpoint folder. roles: see janus_roles."""
     cfg_path = os.path.join(ckpt_dir, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"no config.json in {ckpt_dir}: not a Janus checkpoint folder")
@@ -808,8 +873,8 @@ def read_janus_checkpoint(ckpt_dir):
         cfg = JanusConfig.from_json(json.load(open(cfg_path)))
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path}: malformed json ({e})") from e
-    if "1.3b" in os.path.basename(os.path.normpath(ckpt_dir)).lower():
-        cfg = replace(cfg, user_role="User", assistant_role="Assistant")  # Janus-1.3B's template roles
+    user, assistant = janus_roles(ckpt_dir, roles)
+    cfg = replace(cfg, user_role=user, assistant_role=assistant)
     sd = read_checkpoint(ckpt_dir)
     if any(k.startswith("model.") for k in sd):
         sd = janus_hf_to_original(sd)
@@ -996,9 +1061,9 @@ def to_uint8(pixels):
     return x.to(torch.uint8)
 
 
-def load_janus(ckpt_dir, device=None, dtype=None):
+def load_janus(ckpt_dir, device=None, dtype=None, roles=None):
     """-> (model, processor) from one checkpoint folder."""
-    model = Janus.from_pretrained(ckpt_dir, device=device, dtype=dtype)
+    model = Janus.from_pretrained(ckpt_dir, device=device, dtype=dtype, roles=roles)
     return model, JanusProcessor(ckpt_dir, model.cfg)
 
 
@@ -1640,14 +1705,17 @@ def load_showo(ckpt_dir, device=None, dtype=None, vq_dir=None, max_seq_length=No
     return model, ShowOProcessor(ShowOTokenizer(ckpt_dir), vq.eval(), max_seq_length or model.config.max_seq_length)
 
 
-def load_model(ckpt_dir, device=None, dtype=None, vq_dir=None):
-    """(model, processor) of a Janus or Show-o checkpoint folder, told apart by its config.json."""
+def load_model(ckpt_dir, device=None, dtype=None, vq_dir=None, roles=None):
+    """(model, processor) of a Janus or Show-o checkpoint folder, told apart by its config.json.
+    roles (Janus only): "janus-pro" | "janus-1.3b" overrides the folder's janus_roles.json (see janus_roles)."""
     path = os.path.join(ckpt_dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no config.json in {ckpt_dir}: not a checkpoint folder")
     cfg = json.load(open(path))
     if cfg.get("model_type") in ("multi_modality", "janus"):
-        return load_janus(ckpt_dir, device, dtype)
+        return load_janus(ckpt_dir, device, dtype, roles)
+    if roles is not None:
+        raise ValueError(f"roles={roles!r} is for Janus checkpoints; {ckpt_dir} is not one")
     if "num_vq_tokens" in cfg or cfg.get("_class_name") == "Showo":
         return load_showo(ckpt_dir, device, dtype, vq_dir)
     raise ValueError(f"{path}: neither a Janus (model_type multi_modality/janus) nor a Show-o config")
@@ -1672,6 +1740,7 @@ def convert_checkpoint(src, dst):
     for f in glob.glob(os.path.join(src, "*.json")) + glob.glob(os.path.join(src, "*.model")):
         if not f.endswith(".index.json"):
             shutil.copy(f, dst)
+    write_janus_roles(dst, cfg)  # the roles read (or guessed) now travel with the converted folder
     return dst
 
 

@@ -458,6 +458,8 @@ def write_checkpoint_files(out):
     json.dump({"image_size": GRID * VIT_SCALE, "min_size": 1, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
                "do_normalize": True, "background_color": list(BACKGROUND_RGB)},
               open(os.path.join(out, "preprocessor_config.json"), "w"), indent=1)
+    json.dump({"user_role": "<|User|>", "assistant_role": "<|Assistant|>"},  # model.janus_roles reads these
+              open(os.path.join(out, "janus_roles.json"), "w"))
 
 
 def fresh_model(out, seed):

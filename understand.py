@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 import reward
-from model import KVCache, attention_bias, janus_inputs_embeds, load_model, mmu_attention_mask, mmu_prompt
+from model import MASK_MIN, attention_bias, janus_inputs_embeds, load_model, mmu_attention_mask, mmu_prompt, \
+    reusable_cache
 
 
 @torch.no_grad()
@@ -39,7 +40,7 @@ def janus_generate_text(model, batch, eos_id, max_new_tokens=100, temperature=0.
     valid = batch["attention_mask"].bool()
     key_valid = torch.cat([valid, torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], dim=1)
     positions = (valid.long().cumsum(1) - 1).masked_fill(~valid, 1)
-    cache = KVCache(model.cfg, B, L + max_new_tokens, dtype, device)
+    cache = reusable_cache(model, "answer", model.cfg, B, L + max_new_tokens, dtype, device).prefix(L + max_new_tokens)
     slots = torch.arange(L, device=device)
     hidden = model(embeds, positions, attention_bias(key_valid, slots, dtype), cache, slots)[:, -1]
     pos = positions[:, -1:]
@@ -176,9 +177,9 @@ def showo_generate_text(model, input_ids, attention_mask, input_embeddings=None,
     S = L + max_new_tokens
     mask = attention_mask if attention_mask.dim() == 4 else attention_mask[None, None]
     mask = mask.expand(B, 1, L, L).to(x.dtype)
-    prefill = torch.cat([mask, torch.full((B, 1, L, S - L), torch.finfo(x.dtype).min, dtype=x.dtype,
+    prefill = torch.cat([mask, torch.full((B, 1, L, S - L), MASK_MIN, dtype=x.dtype,
                                           device=x.device)], dim=-1)  # the cache's empty tail is never seen
-    cache = KVCache(model.config, B, S, x.dtype, x.device)
+    cache = reusable_cache(model, "answer", model.config, B, S, x.dtype, x.device).prefix(S)
     hidden = model.hidden_states(input_embeddings=x, attention_mask=prefill, cache=cache,
                                  slots=torch.arange(L, device=x.device))[:, -1]
     everything = torch.ones(B, S, dtype=torch.bool, device=x.device)

@@ -12,24 +12,20 @@ from safetensors.torch import load_file, save_file
 
 import model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KEYS = os.path.join(ROOT, "..", "shared", "spec", "keys")
-FIXTURES = os.environ.get("UNIRL_FIXTURES", os.path.join(ROOT, "..", "shared", "fixtures"))
-JANUS_DIRS = sorted(d for d in glob.glob(os.path.join(FIXTURES, "janus*")) if os.path.isdir(d))
-need_keys = pytest.mark.skipif(not os.path.isdir(KEYS), reason=f"no key lists at {KEYS}")
-need_fixture = pytest.mark.skipif(not JANUS_DIRS, reason=f"no janus* fixture under {FIXTURES}")
+from data_paths import fixture_dirs, key_file
+
+JANUS_DIRS = fixture_dirs("janus")
 
 
 def key_list(name):
     """spec/keys/<name>.txt -> {tensor name: shape}"""
     out = {}
-    for line in open(os.path.join(KEYS, name + ".txt")):
+    for line in open(key_file(name + ".txt")):
         key, shape, _ = line.rstrip("\n").split("\t")
         out[key] = torch.Size(json.loads(shape))
     return out
 
 
-@need_keys
 @pytest.mark.parametrize("size", ["1b", "7b"])
 def test_full_size_original_layout_names_and_shapes(size):
     m = model.build_on_meta(model.Janus, model.JANUS_CONFIGS[f"janus-pro-{size}"])
@@ -37,7 +33,6 @@ def test_full_size_original_layout_names_and_shapes(size):
     assert got == key_list(f"janus_pro_{size}_original")
 
 
-@need_keys
 @pytest.mark.parametrize("size", ["1b", "7b"])
 def test_full_size_hf_layout_maps_onto_the_model(size):
     hf = {k: torch.empty(s, device="meta") for k, s in key_list(f"janus_pro_{size}_hf").items()}
@@ -94,17 +89,15 @@ def original_to_hf(sd):
     return out
 
 
-@need_keys
 def test_forward_rules_reproduce_the_published_map():
     """The test's own forward rules agree with every row of spec/keys/janus_pro_1b_original_to_hf.tsv."""
-    rows = [line.rstrip("\n").split("\t") for line in open(os.path.join(KEYS, "janus_pro_1b_original_to_hf.tsv"))][1:]
+    rows = [line.rstrip("\n").split("\t") for line in open(key_file("janus_pro_1b_original_to_hf.tsv"))][1:]
     expected = {hf: orig for orig, hf, transform in rows if transform != "drop"}
     shapes = key_list("janus_pro_1b_original")
     produced = original_to_hf({k: torch.empty(s, device="meta") for k, s in shapes.items()})
     assert set(produced) == set(expected)
 
 
-@need_fixture
 @pytest.mark.parametrize("folder", JANUS_DIRS, ids=os.path.basename)
 @torch.no_grad()
 def test_hf_layout_checkpoint_gives_identical_model(folder, tmp_path):
@@ -127,7 +120,6 @@ def copy_fixture(folder, dst, sd=None):
     return str(dst)
 
 
-@need_fixture
 @pytest.mark.parametrize("layout", ["bin", "bin_sharded", "safetensors_sharded", "bf16_without_unused"])
 def test_every_file_layout_loads_the_same_tensors(layout, tmp_path):
     folder = JANUS_DIRS[0]
@@ -154,7 +146,6 @@ def test_every_file_layout_loads_the_same_tensors(layout, tmp_path):
         assert torch.equal(loaded[k], v.float()), k
 
 
-@need_fixture
 @pytest.mark.parametrize("damage", ["remove", "rename", "reshape"])
 def test_broken_checkpoint_names_the_tensor(damage, tmp_path):
     folder = JANUS_DIRS[0]
@@ -175,7 +166,6 @@ def test_broken_checkpoint_names_the_tensor(damage, tmp_path):
         assert "mis-shaped" in str(err.value)
 
 
-@need_fixture
 def test_every_problem_is_listed_in_one_error(tmp_path):
     folder = JANUS_DIRS[0]
     sd = model.read_checkpoint(folder)
@@ -188,7 +178,6 @@ def test_every_problem_is_listed_in_one_error(tmp_path):
         assert name in str(err.value)
 
 
-@need_fixture
 def test_truncated_and_foreign_files_fail_clearly(tmp_path):
     folder = JANUS_DIRS[0]
     copy_fixture(folder, tmp_path)
@@ -205,7 +194,6 @@ def test_truncated_and_foreign_files_fail_clearly(tmp_path):
         model.Janus.from_pretrained(str(tmp_path))
 
 
-@need_fixture
 def test_tokenizer_without_a_needed_special_token(tmp_path):
     folder = JANUS_DIRS[0]
     copy_fixture(folder, tmp_path)
@@ -219,7 +207,6 @@ def test_tokenizer_without_a_needed_special_token(tmp_path):
         model.JanusProcessor(str(tmp_path), model.JANUS_CONFIGS["janus-pro-1b"])
 
 
-@need_fixture
 def test_converter_writes_one_original_layout_safetensors(tmp_path):
     folder = JANUS_DIRS[0]
     src = tmp_path / "src"
@@ -227,6 +214,8 @@ def test_converter_writes_one_original_layout_safetensors(tmp_path):
     copy_fixture(folder, src)
     torch.save(model.read_checkpoint(folder), src / "pytorch_model.bin")
     dst = model.convert_checkpoint(str(src), str(tmp_path / "dst"))
-    assert set(os.listdir(dst)) == {"model.safetensors"} | {f for f in os.listdir(src) if f.endswith(".json")}
+    # janus_roles.json: the roles the converter read (here guessed) travel with the converted folder
+    assert set(os.listdir(dst)) == {"model.safetensors", model.ROLES_FILE} | {f for f in os.listdir(src)
+                                                                              if f.endswith(".json")}
     a, b = load_file(os.path.join(dst, "model.safetensors")), model.read_checkpoint(folder)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
