@@ -5,8 +5,8 @@ GRPO for a unified model: the images of one prompt form a group, the model's own
     rho_it   = exp(l_it - l_old_it)                               l = log pi_theta(token t of sequence i)
     pg_it    = -min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i)
     kl_it    = exp(l_ref_it - l_it) - (l_ref_it - l_it) - 1       k3 estimator of KL(pi_theta || pi_ref), >= 0
-    loss     = Agg_t(pg + beta kl)   with Agg = grpo (mean over sequences of token means) | dapo (token mean over
-               the batch) | dr_grpo (token sum / (B * L_max))
+    loss     = Agg_t(pg + beta kl)   with Agg = grpo (mean over the B sequences of their token means) | dapo (token
+               mean over the batch) | dr_grpo (token sum / (B * L_budget), L_budget the generation budget)
 
 Without an old policy (UniRL's default, one update per rollout) l_old = stopgrad(l): rho = 1 in value, the clip is
 inactive and the gradient is -A_i grad l. Image tokens and answer tokens are aggregated separately and then weighted,
@@ -27,7 +27,7 @@ def group_advantages(rewards, std_normalize=True, eps=1e-4):
     """rewards [n_groups, G] -> advantages [n_groups, G]. std is the unbiased std over the group."""
     rewards = rewards.float()
     centred = rewards - rewards.mean(dim=1, keepdim=True)
-    if not std_normalize:
+    if not std_normalize or rewards.shape[1] < 2:  # a group of one compares with nothing: advantage 0, not NaN
         return centred
     return centred / (rewards.std(dim=1, keepdim=True) + eps)
 
@@ -39,15 +39,20 @@ def k3_kl(logp, logp_ref, clamp=10.0):
 
 
 def aggregate(per_token, mask, how="grpo", max_len=None):
-    """Reduce a [B, T] per-token loss to a scalar over the tokens where mask is True."""
+    """Reduce a [B, T] per-token loss to a scalar over the tokens where mask is True.
+
+    grpo divides by all B sequences, also those without a token (skipped flat groups weigh 0, as a zero-advantage
+    sequence does in TRL): the denominator is then the same on every rank, so DDP's mean over ranks equals one
+    process on the whole batch. dr_grpo divides by the constant budget max_len (TRL: max_completion_length)."""
     mask = mask.float()
-    if how == "grpo":  # sequences without any token (e.g. skipped groups) leave the mean
-        rows = mask.sum(1)
-        return ((per_token * mask).sum(1) / rows.clamp(min=1)).sum() / (rows > 0).sum().clamp(min=1)
+    if how == "grpo":
+        return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / mask.shape[0]
     if how == "dapo":
         return (per_token * mask).sum() / mask.sum().clamp(min=1)
     if how == "dr_grpo":
-        return (per_token * mask).sum() / (mask.shape[0] * (max_len or mask.shape[1]))
+        if max_len is None:
+            raise ValueError("dr_grpo needs max_len, the generation budget in tokens (not the longest sequence)")
+        return (per_token * mask).sum() / (mask.shape[0] * max_len)
     raise ValueError(f"aggregation must be one of {AGGREGATIONS}, not {how!r}")
 
 
@@ -133,14 +138,15 @@ def showo_trajectory_logprobs(model, batch, guidance_scale=5.0, steps=None):
 
 
 def image_logprobs(model, processor, batch, group_size, cfg_weight=5.0, temperature=1.0, janus_mode="cond",
-                   showo_masks=None):
+                   showo_masks=None, replay_steps=None):
     """Log-probs [B, N] and the tokens they cover [B, N] for the images of a rollout batch, either family.
-    Show-o: the trajectory replay when the batch carries a trajectory, else the masked-token estimator."""
+    Show-o: the trajectory replay (of the step indices replay_steps; None = all) when the batch carries a
+    trajectory, else the masked-token estimator."""
     prompts = [t["prompt"] for t in batch["tasks"]]
     tokens = batch["tokens"].to(next(model.parameters()).device)
     if hasattr(model, "showo"):
         if "trajectory" in batch:
-            return showo_trajectory_logprobs(model, batch, cfg_weight)
+            return showo_trajectory_logprobs(model, batch, cfg_weight, replay_steps)
         return showo_masked_logprobs(model, processor, prompts, tokens, showo_masks)
     lp = janus_image_logprobs(model, processor, prompts, tokens, cfg_weight, temperature, janus_mode)
     return lp, torch.ones_like(lp, dtype=torch.bool)
@@ -152,7 +158,7 @@ def image_logprobs(model, processor, batch, group_size, cfg_weight=5.0, temperat
 
 def grpo_loss(model, processor, batch, group_size, ref_model=None, beta=0.0, cfg_weight=5.0, temperature=1.0,
               janus_logp="cond", optimize="both", agg="grpo", adv_std=True, w_img=1.0, w_ans=1.0, generator=None,
-              skip_flat_groups=False):
+              skip_flat_groups=False, answer_budget=None, replay_steps=0):
     """GRPO loss of a rollout batch (images grouped by prompt, group_size each). Returns (loss, stats).
 
     janus_logp: "cond" (default: conditional row, one row per image; the CFG sampler makes it slightly off-policy)
@@ -160,9 +166,15 @@ def grpo_loss(model, processor, batch, group_size, ref_model=None, beta=0.0, cfg
     estimator with one mask ratio per group, the same masks for the reference.
     optimize: "t2i" | "mmu" | "both". Answer tokens get their image's advantage; answers are decoded greedily, so
     that term is advantage-weighted self-training of the answer rather than an on-policy gradient.
-    skip_flat_groups: groups whose rewards are all equal (zero advantage) leave the loss entirely, KL included
-    (they are still computed, weighted 0, so every rank runs the same forwards).
+    skip_flat_groups: groups whose rewards are all equal (zero advantage) add nothing to the loss, KL included
+    (they are still computed, weighted 0, so every rank runs the same forwards; grpo still counts them in its
+    denominator of B sequences, see aggregate).
+    answer_budget: the answers' generation budget in tokens, dr_grpo's constant denominator (required there).
+    replay_steps: Show-o trajectory replay of this many randomly drawn sampling steps (0 = all of them); each
+    replayed step holds one forward's graph until backward, so this bounds memory.
     """
+    if agg == "dr_grpo" and optimize != "t2i" and answer_budget is None:
+        raise ValueError("agg='dr_grpo' needs answer_budget, the answers' max new tokens")
     device = next(model.parameters()).device
     rewards = batch["rewards"].to(device)
     adv = group_advantages(rewards.view(-1, group_size), adv_std).view(-1)
@@ -175,7 +187,13 @@ def grpo_loss(model, processor, batch, group_size, ref_model=None, beta=0.0, cfg
         masks = batch.get("showo_masks")  # fixed per rollout when the rollout gets several updates
         if hasattr(model, "showo") and masks is None:
             masks = draw_showo_masks(len(rewards) // group_size, group_size, model.config.num_vq_tokens, generator)
-        lp, covered = image_logprobs(model, processor, batch, group_size, cfg_weight, temperature, janus_logp, masks)
+        steps = None
+        if "trajectory" in batch and 0 < replay_steps < len(batch["trajectory"]):
+            order = torch.randperm(len(batch["trajectory"]), generator=generator,
+                                   device=generator.device if generator is not None else "cpu")
+            steps = sorted(order[:replay_steps].tolist())
+        lp, covered = image_logprobs(model, processor, batch, group_size, cfg_weight, temperature, janus_logp, masks,
+                                     steps)
         ref = None
         if use_ref:
             with torch.no_grad():
@@ -193,7 +211,7 @@ def grpo_loss(model, processor, batch, group_size, ref_model=None, beta=0.0, cfg
             with torch.no_grad():
                 ref, _ = answer_logprobs(ref_model, processor, batch, idx, batch["answer_ids"])
         l_ans, s = policy_loss(lp, adv, mask & keep[:, None], batch.get("logp_old_ans"), ref, beta, agg=agg,
-                               max_len=mask.shape[1])
+                               max_len=answer_budget)
         loss = loss + w_ans * l_ans
         stats.update({f"ans_{k}": v for k, v in s.items()}, loss_ans=l_ans.item())
     return loss, stats

@@ -20,11 +20,13 @@ Reward, per task (spec/method.md §4; the rule is a reconstruction [SPEC] that r
     position       3 slots: S mentioned; R mentioned; first relation reads (S rel R) or (R inverse(rel) S)
     color_attr     2 slots: colour cA bound to class A (and cB not); likewise for B
 
+Negation: a negation word ("no", "not", "isn't", "without", ...) voids every mention after it in its clause (clauses
+end at "," and "and"), so "There is no dog" names no dog and "the glass is not purple" binds no colour.
 Slots come from the task's `include` metadata, never from the prompt string, so paraphrased prompts score the same.
 Pure Python (stdlib only): strings in, numbers out. GenEval's prompts are read by path, never stored here.
 
 CLI (materialise a fixed training set, deduplicated against GenEval):
-    python reward.py --n 5000 --seed 0 --exclude ../shared/data/geneval/evaluation_metadata.jsonl --out train.jsonl
+    python reward.py --n 5000 --seed 0 --exclude data/geneval/evaluation_metadata.jsonl --out train.jsonl
 """
 import argparse
 import json
@@ -268,15 +270,29 @@ def _orange_kind(words, i, mentions, clause, tag, task_has_orange):
     return "color"
 
 
+# after _words (apostrophes dropped): "isn't" -> "isnt"
+NEGATIONS = {"no", "not", "isnt", "arent", "wasnt", "werent", "doesnt", "dont", "without", "none", "neither", "nor",
+             "never", "cannot", "cant"}
+
+
 def parse(answer, task=None):
-    """(words, mentions): the normalised words and the ordered class/colour/number/relation mentions."""
+    """(words, mentions): the normalised words and the ordered class/colour/number/relation mentions.
+
+    A negation word negates the rest of its clause: "there is no dog", "the glass is not purple", "a dog and no
+    cat" (the cat) mention nothing there [our choice; method.md marks the reward rule SPEC]."""
     words = _words(answer)
     tag = task["tag"] if task else None
     has_orange = bool(task) and any(x["class"] == "orange" for x in task["include"])
-    mentions, clause, i = [], 0, 0
+    mentions, clause, i, negated = [], 0, 0, False
     while i < len(words):
         if words[i] in (",", "and"):
-            clause, i = clause + 1, i + 1
+            clause, i, negated = clause + 1, i + 1, False
+            continue
+        if words[i] in NEGATIONS:
+            negated, i = True, i + 1
+            continue
+        if negated:
+            i += 1
             continue
         for L in range(min(MAX_PHRASE, len(words) - i), 0, -1):
             hit = PHRASES.get(tuple(words[i:i + L]))

@@ -41,9 +41,51 @@ def test_aggregations_by_hand():
     assert float(grpo.aggregate(loss, mask, "dr_grpo", max_len=4)) == pytest.approx(2.25)
     with pytest.raises(ValueError, match="aggregation"):
         grpo.aggregate(loss, mask, "mean")
-    # a sequence without tokens (a skipped flat group) leaves the grpo mean instead of counting as zero
+    # a sequence without tokens (a skipped flat group) counts as zero in the grpo mean: the denominator is the
+    # batch size on every rank, so that DDP equals one process (test_grpo_mean_over_ranks_equals_one_process)
     empty = torch.tensor([[False, False, False], [True, True, True]])
-    assert float(grpo.aggregate(loss, empty, "grpo")) == pytest.approx(5.0)
+    assert float(grpo.aggregate(loss, empty, "grpo")) == pytest.approx(5.0 / 2)
+    with pytest.raises(ValueError, match="budget"):  # dr_grpo's denominator is a budget, never the batch's longest
+        grpo.aggregate(loss, mask, "dr_grpo")
+
+
+def test_grpo_mean_over_ranks_equals_one_process():
+    """Two ranks with different numbers of skipped sequences: DDP averages the per-rank losses (and gradients);
+    that must equal the grpo mean over the whole batch. The old rule divided by the non-empty rows of each rank."""
+    torch.manual_seed(0)
+    loss = torch.randn(8, 5, requires_grad=True)
+    mask = torch.rand(8, 5) < 0.7
+    mask[0] = mask[1] = mask[2] = False  # three skipped sequences on rank 0, none on rank 1
+    whole = grpo.aggregate(loss, mask, "grpo")
+    ranks = (grpo.aggregate(loss[:4], mask[:4], "grpo") + grpo.aggregate(loss[4:], mask[4:], "grpo")) / 2
+    assert float(whole.detach()) == pytest.approx(float(ranks.detach()), abs=1e-6)
+    g_whole, = torch.autograd.grad(whole, loss)
+    g_ranks, = torch.autograd.grad(ranks, loss)
+    torch.testing.assert_close(g_whole, g_ranks)
+
+
+def test_group_of_one_has_zero_advantage_not_nan():
+    for std in (True, False):
+        adv = grpo.group_advantages(torch.tensor([[0.5], [1.0]]), std_normalize=std)
+        assert torch.equal(adv, torch.zeros(2, 1))
+
+
+def test_dr_grpo_answer_denominator_is_the_budget_not_the_longest_answer(monkeypatch):
+    """dr_grpo divides by B * max_completion_length (TRL), a constant; grpo_loss used to pass the longest answer
+    of the batch. The answers' budget is the rollout's max new tokens."""
+    import sft
+    m, p = model.load_model(JANUS[0])
+    tasks = [dict(prompt="a photo of a cat", question="What is the main item in this image?", answer="cat",
+                  tag="single_object", include=[{"class": "cat", "count": 1}])]
+    batch = sft.rollout(m, p, tasks, 2, 2.0, generator=torch.Generator().manual_seed(0), max_answer_tokens=3)
+    batch["rewards"] = torch.tensor([0.0, 1.0])
+    seen = []
+    real = grpo.policy_loss
+    monkeypatch.setattr(grpo, "policy_loss", lambda *a, **k: seen.append(k["max_len"]) or real(*a, **k))
+    grpo.grpo_loss(m, p, batch, 2, cfg_weight=2.0, agg="dr_grpo", answer_budget=10)
+    assert seen == [m.cfg.gen_grid ** 2, 10]  # images: their token count; answers: the budget
+    with pytest.raises(ValueError, match="answer_budget"):
+        grpo.grpo_loss(m, p, batch, 2, cfg_weight=2.0, agg="dr_grpo")
 
 
 def test_on_policy_gradient_is_minus_advantage_times_grad_logp():
@@ -114,10 +156,10 @@ import os  # noqa: E402
 import generate  # noqa: E402
 import model  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.environ.get("UNIRL_FIXTURES", os.path.join(ROOT, "..", "shared", "fixtures"))
-JANUS = sorted(glob.glob(os.path.join(FIXTURES, "janus*")))[:1]
-SHOWO = sorted(glob.glob(os.path.join(FIXTURES, "showo*")))[:1]
+from data_paths import fixture_dirs  # noqa: E402
+
+JANUS = fixture_dirs("janus")[:1]
+SHOWO = fixture_dirs("showo")[:1]
 
 
 def synthetic_reward(tokens, vocab):
@@ -130,7 +172,6 @@ def mean_reward(sample, vocab, seeds=range(3)):
                               for s in seeds]).mean())
 
 
-@pytest.mark.skipif(not JANUS, reason=f"no janus* fixture under {FIXTURES}")
 def test_grpo_raises_a_synthetic_reward_janus():
     torch.manual_seed(0)
     m, p = model.load_janus(JANUS[0])
@@ -151,7 +192,6 @@ def test_grpo_raises_a_synthetic_reward_janus():
     assert after > before + 0.15, (before, after)
 
 
-@pytest.mark.skipif(not SHOWO, reason=f"no showo* fixture under {FIXTURES}")
 def test_grpo_raises_a_synthetic_reward_showo_masked_estimator():
     torch.manual_seed(0)
     m, p = model.load_model(SHOWO[0])
@@ -173,7 +213,6 @@ def test_grpo_raises_a_synthetic_reward_showo_masked_estimator():
     assert after > before + 0.15, (before, after)
 
 
-@pytest.mark.skipif(not (JANUS and SHOWO), reason=f"needs janus* and showo* fixtures under {FIXTURES}")
 @pytest.mark.parametrize("which", ["janus", "showo"])
 def test_old_policy_equals_on_policy_at_the_first_update(which):
     """record_old_logprobs freezes pi_old = pi_theta (and Show-o's masks): the first update of a rollout, at
