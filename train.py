@@ -15,6 +15,10 @@ Launch:
     torchrun --standalone --nproc_per_node=8 train.py --algo grpo --model /ckpt/Janus-Pro-1B  # 8 GPUs, DDP
     torchrun --nnodes=2 --node_rank=$R --master_addr=$IP --master_port=29500 --nproc_per_node=8 \\
         train.py --algo grpo --model /ckpt/Janus-Pro-7B --fsdp                               # 16 GPUs, FSDP2
+Precision (--dtype, the same code on every device; a CPU run with --dtype bf16 takes the path a GPU takes):
+    fp32: one fp32 model trains and samples (eval mode while sampling, train mode in the loss).
+    bf16: fp32 master weights for AdamW, losses under bf16 autocast; rollouts run without autocast on a bf16
+          sampler copy that is refreshed in place after every optimizer step (KV caches in bf16, reused).
 Checkpoints go to OUT/step_XXXXXXX/ (model.safetensors loadable by model.py, plus the optimizer and RNG state);
 `--resume` continues from the newest one exactly. One jsonl line per step goes to OUT/log.jsonl.
 """
@@ -36,14 +40,13 @@ import grpo
 import reward
 import sft
 import toy
-from model import load_model
-from understand import self_check
+from model import load_model, write_janus_roles
 
-GENEVAL_METADATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "geneval",
-                                "evaluation_metadata.jsonl")
+ROOT = os.path.dirname(os.path.abspath(__file__))
+GENEVAL_METADATA = os.path.join(ROOT, "data", "geneval", "evaluation_metadata.jsonl")
 
 
-TOY_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy")
+TOY_CHECKPOINT = os.path.join(ROOT, "assets", "toy")
 # Defaults that depend on the model. Real checkpoints: the paper's settings (lr 1e-5, guidance 5, group = per-GPU
 # batch) and spec/method.md's reconstruction (beta 0.2, answers trained too). The toy world (toy.py, the shipped
 # ~1M-parameter model): what works on 2 CPU cores in minutes - a feasibility study saw lr 3e-4 collapse, and a
@@ -62,11 +65,18 @@ def parse_args(argv=None):
     ap.add_argument("--model", default=TOY_CHECKPOINT,
                     help="checkpoint folder (Janus / Janus-Pro or Show-o); default: the shipped toy-world model")
     ap.add_argument("--vq", help="Show-o only: the MAGVIT-v2 folder, if not inside --model")
+    ap.add_argument("--roles", choices=["janus-pro", "janus-1.3b"],
+                    help="Janus chat roles, for a folder without janus_roles.json (train.py writes one into every "
+                         "checkpoint); without either they are guessed from the path, with a warning")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"],
+                    help="bf16: fp32 master weights, bf16 autocast losses and a bf16 sampler copy (default on CUDA); "
+                         "fp32: everything in fp32 (default on CPU)")
     ap.add_argument("--out", default="runs/unirl", help="checkpoints and log.jsonl")
     # data
     ap.add_argument("--tasks", type=int, default=5000, help="size of the constructed training set")
     ap.add_argument("--exclude", default=GENEVAL_METADATA,
-                    help="GenEval metadata whose prompts never become training prompts ('' = no dedup)")
+                    help="GenEval metadata whose prompts never become training prompts (default: the copy in "
+                         "data/geneval; 'none' = no dedup, which trains on GenEval's test prompts)")
     ap.add_argument("--prompts-per-rank", type=int, help="prompt groups per rank per micro-step")
     ap.add_argument("--group-size", type=int, default=0, help="images per prompt (0 = UniRL's: 8 Janus, 3 Show-o)")
     # optimisation
@@ -79,7 +89,7 @@ def parse_args(argv=None):
     ap.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
                     help="sgd: an update linear in the gradient, for checking runs against each other (Adam's first "
                          "steps turn float noise in near-zero gradients into +-lr updates)")
-    ap.add_argument("--grad-clip", type=float, default=1.0)
+    ap.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = no clipping)")
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--updates-per-rollout", type=int, default=1,
                     help="optimizer steps on each rollout (GRPO: > 1 freezes an old policy and clips the ratio)")
@@ -87,7 +97,12 @@ def parse_args(argv=None):
     ap.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard per block); for Janus-Pro-7B")
     # sampling
     ap.add_argument("--cfg", type=float, help="guidance while sampling")
-    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--temperature", type=float,
+                    help="Janus: image-token sampling temperature (default 1). Show-o samples its codes untempered "
+                         "(official sampler); its knob is --remask-temperature")
+    ap.add_argument("--remask-temperature", type=float, default=1.0,
+                    help="Show-o: scale of the Gumbel noise that picks the tokens re-masked each MaskGIT step, "
+                         "annealed to 0 over the steps (official default 1)")
     ap.add_argument("--showo-steps", type=int, default=50, help="Show-o MaskGIT steps per image")
     ap.add_argument("--max-answer-tokens", type=int, default=100)
     # GRPO
@@ -97,6 +112,10 @@ def parse_args(argv=None):
                          "T2I target). Default: cond, except toy-world SFT: cfg")
     ap.add_argument("--showo-logp", choices=["masked", "trajectory"], default="masked",
                     help="Show-o image log-prob estimator: one masked pass, or a replay of the sampling steps")
+    ap.add_argument("--showo-replay-steps", type=int, default=0,
+                    help="trajectory replay: re-run this many randomly chosen sampling steps per update (their "
+                         "tokens carry the loss; 0 = all). Each replayed step keeps one forward's graph until "
+                         "backward, so this bounds memory")
     ap.add_argument("--optimize", choices=["t2i", "mmu", "both"], help="which tokens GRPO trains")
     ap.add_argument("--reward", choices=["self", "oracle"], default="self",
                     help="self: the model's own answers (UniRL); oracle: the toy world's exact evaluator")
@@ -124,7 +143,20 @@ def parse_args(argv=None):
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--stop-after", type=int, default=0, help="end this process after N steps (for testing resume)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.dtype is None:
+        args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
+    if args.exclude.lower() == "none":
+        args.exclude = None
+    elif not os.path.isfile(args.exclude):
+        ap.error(f"--exclude {args.exclude!r} is not a file: without it GenEval's test prompts can become training "
+                 "prompts. Point it at evaluation_metadata.jsonl (data/geneval/ ships one), or say --exclude none")
+    if args.group_size == 1 and args.algo == "grpo":
+        ap.error("--group-size 1: GRPO's advantages compare the images of one prompt; a group of one has none")
+    for flag in ("grad_clip", "showo_replay_steps"):
+        if getattr(args, flag) < 0:
+            ap.error(f"--{flag.replace('_', '-')} must be >= 0")
+    return args
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -172,12 +204,19 @@ class Objective(nn.Module):
         self.model, self.processor, self.args = model, processor, args
         self.frozen = (ref_model,)  # a tuple, so the reference is no submodule: never sharded, saved or all-gathered
 
-    def forward(self, batch):
+    def forward(self, batch, record_old=False):
+        """record_old: store pi_old's log-probs in the batch instead (no grad). It runs through this forward so
+        that FSDP's root gathers the shards, as for the loss."""
         a = self.args
+        if record_old:
+            grpo.record_old_logprobs(self.model, self.processor, batch, a.group_size, a.cfg, a.temperature, a.logp,
+                                     batch["generator"])
+            return None
         if a.algo == "grpo":
             loss, stats = grpo.grpo_loss(self.model, self.processor, batch, a.group_size, self.frozen[0], a.beta,
                                          a.cfg, a.temperature, a.logp, a.optimize, a.agg, not a.no_adv_std,
-                                         generator=batch["generator"], skip_flat_groups=a.skip_flat_groups)
+                                         generator=batch["generator"], skip_flat_groups=a.skip_flat_groups,
+                                         answer_budget=a.max_answer_tokens, replay_steps=a.showo_replay_steps)
         else:
             loss, stats = sft.sft_loss(self.model, self.processor, batch, mmu_filter=a.sft_mmu_filter,
                                        cond_dropout=a.cond_dropout, generator=batch["generator"],
@@ -221,8 +260,9 @@ def task_generator(args, step, slot, device):
 # checkpoints: atomic (write to a temp folder, then rename), the newest `keep` kept
 
 
-def save_checkpoint(args, step, module, optimizer, rank, src_dir):
-    """module: the model, or under FSDP the sharded Objective root (its keys carry a "model." prefix)."""
+def save_checkpoint(args, step, module, optimizer, rank, src_dir, roles_cfg=None):
+    """module: the model, or under FSDP the sharded Objective root (its keys carry a "model." prefix).
+    roles_cfg: a Janus config whose chat roles are written as janus_roles.json."""
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict, StateDictOptions
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -235,9 +275,11 @@ def save_checkpoint(args, step, module, optimizer, rank, src_dir):
         os.makedirs(tmp)
         save_file({k: v.contiguous() for k, v in model_sd.items()}, os.path.join(tmp, "model.safetensors"))
         torch.save(dict(optimizer=optim_sd, step=step, args=vars(args)), os.path.join(tmp, "train_state.pt"))
-        for f in glob.glob(os.path.join(src_dir, "*.json")):  # config + tokenizer: the folder loads like the base
-            if not f.endswith(".index.json"):
+        for f in glob.glob(os.path.join(src_dir, "*.json")) + glob.glob(os.path.join(src_dir, "magvit*")):
+            if not f.endswith(".index.json"):  # config, tokenizer, Show-o's MAGVIT: the folder loads on its own
                 shutil.copy(f, tmp)
+        if roles_cfg is not None:  # Janus: the chat roles this run used, so a reload never guesses them
+            write_janus_roles(tmp, roles_cfg)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in sorted(glob.glob(os.path.join(args.out, "step_*[0-9]")))[:-args.keep]:
@@ -268,7 +310,7 @@ def self_check_eval(model, processor, tasks, args, device):
     """The eval hook: one image per held-out task, judged by the model itself; accuracy overall and per tag."""
     correct = []
     for i, task in enumerate(tasks):
-        batch = sft.rollout(model, processor, [task], 1, args.cfg, args.temperature,
+        batch = sft.rollout(model, processor, [task], 1, args.cfg, args.sample_temperature,
                             torch.Generator(device).manual_seed(i),
                             args.max_answer_tokens, steps=args.showo_steps)
         correct.append(bool(batch["correct"][0]))
@@ -278,17 +320,10 @@ def self_check_eval(model, processor, tasks, args, device):
     return dict(selfcheck=sum(correct) / len(correct), **{f"selfcheck_{t}": sum(v) / len(v) for t, v in per_tag.items()})
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world, device = setup_distributed(args.device)
-    torch.manual_seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
-
-    if not os.path.isdir(args.model):
-        raise SystemExit(f"--model {args.model!r} is not a folder" + (" (the toy checkpoint is made by "
-                         "`python toy.py pretrain --out assets/toy`)" if args.model == TOY_CHECKPOINT else ""))
-    model, processor = load_model(args.model, device=device, dtype=torch.float32, vq_dir=args.vq)
-    toy_world = bool(getattr(model.cfg, "palette", ()))  # a palette image tokenizer exists only in the toy world
+def resolve_defaults(args, model):
+    """Fill the model-dependent defaults (toy world or paper) and refuse flags that would do nothing."""
+    showo = hasattr(model, "showo")
+    toy_world = bool(getattr(getattr(model, "cfg", None), "palette", ()))  # palette tokenizer: toy world only
     for key, value in (TOY_DEFAULTS if toy_world else PAPER_DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -296,24 +331,35 @@ def main(argv=None):
         args.logp = "cfg" if toy_world and args.algo == "sft" else "cond"
     if args.reward == "oracle" and not toy_world:
         raise SystemExit("--reward oracle needs the toy world: real images have no exact evaluator")
-    args.group_size = args.group_size or (3 if hasattr(model, "showo") else 8)
-    n_trainable = set_trainable(model)
-    if args.activation_checkpointing:
-        (model.showo if hasattr(model, "showo") else model.language_model.model).checkpointing = True
+    if showo and args.temperature is not None:
+        raise SystemExit("--temperature is Janus' image-token temperature; Show-o samples its codes untempered "
+                         "(use --remask-temperature for its re-masking noise)")
+    if not showo and args.showo_logp != "masked":
+        raise SystemExit("--showo-logp is for Show-o checkpoints")
+    if args.temperature is None:
+        args.temperature = 1.0
+    # the sampler's temperature argument: Janus' token temperature, Show-o's re-masking temperature
+    args.sample_temperature = args.remask_temperature if showo else args.temperature
+    args.group_size = args.group_size or (3 if showo else 8)
+    return toy_world
+
+
+def build_training(args, model, processor, device, world):
+    """-> (train_module, objective, sampler, judge, params). The sampler is the model itself in fp32 without
+    FSDP; otherwise an inference copy in the sampling dtype (FSDP: its shards gathered into it after each step)."""
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     frozen = None
     if (args.algo == "grpo" and args.beta > 0) or args.frozen_judge:  # a frozen copy of the initial weights
-        frozen = copy.deepcopy(model).eval().requires_grad_(False)
-        if device.type == "cuda":
-            frozen.to(torch.bfloat16)
+        frozen = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
     ref_model = frozen if args.algo == "grpo" and args.beta > 0 else None
     judge = frozen if args.frozen_judge else None
-    sampler_model = model  # DDP: the training module itself samples (optimizer updates are in place)
+    sampler = model
+    if args.fsdp or dtype != torch.float32:  # copied before sharding, so it holds whole tensors
+        sampler = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
     objective = Objective(model, processor, args, ref_model)
     if args.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        sampler_model = copy.deepcopy(model).eval().requires_grad_(False)  # an inference replica: no per-token
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-                                  reduce_dtype=torch.float32)                # all-gathers while sampling
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
         for block in blocks(model):
             fully_shard(block, mp_policy=mp)
         fully_shard(objective, mp_policy=mp)
@@ -327,32 +373,111 @@ def main(argv=None):
         optimizer = torch.optim.SGD(params, lr=args.lr, weight_decay=args.weight_decay)
     else:
         optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
+    return train_module, objective, sampler, judge, params, optimizer
 
+
+def make_task_sets(args, toy_world):
+    """(training tasks, held-out eval-hook tasks, report). Real checkpoints: GenEval's prompts are excluded from
+    both, and the eval-hook tasks also exclude every training prompt, so 'held out' means it."""
     report = {}
     if toy_world:  # the toy world's own classes; its evaluation prompts are held out by seed
-        tasks, eval_tasks = toy.make_toy_tasks(args.tasks, args.seed), toy.make_toy_tasks(args.eval_tasks, 10_000 + args.seed)
-    else:
-        exclude = reward.geneval_prompts(args.exclude) if args.exclude and os.path.isfile(args.exclude) else None
-        tasks = reward.make_tasks(args.tasks, args.seed, exclude_prompts=exclude, report=report)
-        eval_tasks = reward.make_tasks(args.eval_tasks, args.seed + 1, exclude_prompts=exclude)
+        return toy.make_toy_tasks(args.tasks, args.seed), toy.make_toy_tasks(args.eval_tasks, 10_000 + args.seed), report
+    exclude = reward.geneval_prompts(args.exclude) if args.exclude else set()
+    tasks = reward.make_tasks(args.tasks, args.seed, exclude_prompts=exclude, report=report)
+    eval_tasks = reward.make_tasks(args.eval_tasks, args.seed + 1,
+                                   exclude_prompts=exclude | {t["prompt"] for t in tasks})
+    return tasks, eval_tasks, report
+
+
+def collect_rollouts(args, sampler, processor, tasks, judge, step, rank, world, device, trajectory):
+    """grad_accum micro-batches of whole prompt groups, each seeded by its global slot (rank layout invariant)."""
+    per_step = args.prompts_per_rank * args.grad_accum
+    sampler.eval()
+    batches = []
+    for micro in range(args.grad_accum):
+        slots = [(step * world + rank) * per_step + micro * args.prompts_per_rank + j
+                 for j in range(args.prompts_per_rank)]
+        batch = merge_batches([
+            sft.rollout(sampler, processor, [tasks[s % len(tasks)]], args.group_size, args.cfg,
+                        args.sample_temperature, task_generator(args, step, s, device), args.max_answer_tokens,
+                        args.reward_normalize, args.showo_steps, trajectory, judge) for s in slots])
+        if args.reward == "oracle":  # the exact evaluator replaces the model's answers (toy world only)
+            batch["rewards"] = torch.tensor([toy.oracle_reward(c, t, partial=True)
+                                             for c, t in zip(batch["tokens"], batch["tasks"])])
+            batch["correct"] = torch.tensor([toy.judge(c, t) for c, t in zip(batch["tokens"], batch["tasks"])])
+        batch["generator"] = task_generator(args, step, slots[0], device)  # SFT dropout / Show-o masks
+        batches.append(batch)
+    return batches
+
+
+def update(args, train_module, model, optimizer, params, batches, autocast, step, last_good):
+    """updates_per_rollout optimizer steps on the rollout (1 = UniRL's on-policy default: ratio 1, no clip).
+    Returns (stats averaged over micro-batches and updates, gradient norm of the last update)."""
+    model.train()  # the loss in train mode: activation checkpointing runs only there
+    if args.algo == "grpo" and args.updates_per_rollout > 1:
+        with torch.no_grad(), autocast:
+            for batch in batches:
+                train_module(batch, record_old=True)
+    stats_acc = {}
+    max_norm = args.grad_clip if args.grad_clip > 0 else float("inf")  # 0 = no clipping (never a zero gradient)
+    for _ in range(args.updates_per_rollout):
+        for micro, batch in enumerate(batches):
+            if isinstance(train_module, nn.parallel.DistributedDataParallel):  # all-reduce on the last one
+                train_module.require_backward_grad_sync = micro == len(batches) - 1
+            with autocast:
+                loss, stats = train_module(batch)
+            finite = torch.isfinite(loss.detach()).float()
+            if dist.is_initialized():  # every rank stops together: a lone rank stopping would hang the rest
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if not bool(finite):
+                raise RuntimeError(f"non-finite loss {loss.item()} at step {step} (stats {stats}); stopping. The "
+                                   f"last good checkpoint is {last_good or 'none (none written yet)'}")
+            (loss / len(batches)).backward()
+            for k, v in stats.items():
+                stats_acc[k] = stats_acc.get(k, 0.0) + v / len(batches) / args.updates_per_rollout
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if not torch.isfinite(grad_norm):
+            raise RuntimeError(f"non-finite gradient norm at step {step}; stopping before the update")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return stats_acc, grad_norm
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup_distributed(args.device)
+    torch.manual_seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    if not os.path.isdir(args.model):
+        raise SystemExit(f"--model {args.model!r} is not a folder" + (" (the toy checkpoint is made by "
+                         "`python toy.py pretrain --out assets/toy`)" if args.model == TOY_CHECKPOINT else ""))
+    # fp32 master weights whatever --dtype says: AdamW's updates of 1e-5 * w vanish in bf16
+    model, processor = load_model(args.model, device=device, dtype=torch.float32, vq_dir=args.vq, roles=args.roles)
+    toy_world = resolve_defaults(args, model)
+    n_trainable = set_trainable(model)
+    if args.activation_checkpointing:
+        (model if hasattr(model, "showo") else model.language_model.model).checkpointing = True  # where forward reads it
+    train_module, objective, sampler, judge, params, optimizer = build_training(args, model, processor, device, world)
+    tasks, eval_tasks, report = make_task_sets(args, toy_world)
 
     def evaluate():
+        sampler.eval()
         if toy_world:  # exact toy-GenEval, and how often the judge's "correct" is really correct
-            res = toy.toy_geneval(sampler_model, processor, eval_tasks, 2, args.cfg, args.seed, with_judge=True,
+            res = toy.toy_geneval(sampler, processor, eval_tasks, 2, args.cfg, args.seed, with_judge=True,
                                   judge_model=judge)
             return dict(toy_geneval=res["overall"], **{f"toy_geneval_{t}": v for t, v in res["per_tag"].items()},
                         judge_precision=res["judge"]["all"]["precision"], judge_recall=res["judge"]["all"]["recall"])
-        return self_check_eval(sampler_model, processor, eval_tasks, args, device)
+        return self_check_eval(sampler, processor, eval_tasks, args, device)
 
     start = 0
     ckpts = sorted(glob.glob(os.path.join(args.out, "step_*[0-9]")))
     if args.resume and ckpts:
         start = load_checkpoint(ckpts[-1], objective if args.fsdp else model, optimizer)
-        if args.fsdp:
-            refresh_replica(sampler_model, model)
+        refresh_sampler(sampler, model)
     if rank == 0:
-        print(f"{args.algo}: {n_trainable / 1e6:.1f}M trainable parameters, {world} rank(s), {len(tasks)} tasks "
-              f"({report.get('excluded', 0)} candidates excluded as GenEval prompts), steps {start}..{args.steps}")
+        print(f"{args.algo}: {n_trainable / 1e6:.1f}M trainable parameters, {world} rank(s), {args.dtype}, "
+              f"{len(tasks)} tasks ({report.get('excluded', 0)} candidates excluded as GenEval prompts), "
+              f"steps {start}..{args.steps}")
     log = open(os.path.join(args.out, "log.jsonl"), "a") if rank == 0 else None
     before = after = None
     if args.eval_every and rank == 0 and start == 0:  # the starting point, logged as step 0
@@ -360,68 +485,30 @@ def main(argv=None):
         log.write(json.dumps(before) + "\n")
     t_start = time.time()
     bar = tqdm(range(start, args.steps), disable=rank != 0, initial=start, total=args.steps, desc=args.algo)
-    per_step = args.prompts_per_rank * args.grad_accum
-    # bf16 matmuls on GPU with fp32 master weights (FSDP2 casts its gathered parameters itself); fp32 on CPU
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     trajectory = hasattr(model, "showo") and args.algo == "grpo" and args.showo_logp == "trajectory"
+    roles_cfg = None if hasattr(model, "showo") else model.cfg
     for step in bar:
         # every random draw of a step is a function of (seed, step, rank): a resumed run repeats it exactly
         torch.manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
-        batches = []
-        for micro in range(args.grad_accum):  # rollouts: whole prompt groups, seeded per (step, slot)
-            slots = [(step * world + rank) * per_step + micro * args.prompts_per_rank + j
-                     for j in range(args.prompts_per_rank)]
-            with autocast:
-                batch = merge_batches([
-                    sft.rollout(sampler_model, processor, [tasks[s % len(tasks)]], args.group_size, args.cfg,
-                                args.temperature, task_generator(args, step, s, device), args.max_answer_tokens,
-                                args.reward_normalize, args.showo_steps, trajectory, judge) for s in slots])
-            if args.reward == "oracle":  # the exact evaluator replaces the model's answers (toy world only)
-                batch["rewards"] = torch.tensor([toy.oracle_reward(c, t, partial=True)
-                                                 for c, t in zip(batch["tokens"], batch["tasks"])])
-                batch["correct"] = torch.tensor([toy.judge(c, t) for c, t in zip(batch["tokens"], batch["tasks"])])
-            batch["generator"] = task_generator(args, step, slots[0], device)  # SFT dropout / Show-o masks
-            if args.algo == "grpo" and args.updates_per_rollout > 1:
-                with autocast:
-                    grpo.record_old_logprobs(model, processor, batch, args.group_size, args.cfg, args.temperature,
-                                             args.logp, batch["generator"])
-            batches.append(batch)
+        batches = collect_rollouts(args, sampler, processor, tasks, judge, step, rank, world, device, trajectory)
         t1 = time.perf_counter()
-        stats_acc = {}
-        for update in range(args.updates_per_rollout):  # 1 = UniRL's on-policy default (ratio = 1, no clip)
-            for micro, batch in enumerate(batches):
-                if isinstance(train_module, nn.parallel.DistributedDataParallel):  # all-reduce on the last one
-                    train_module.require_backward_grad_sync = micro == len(batches) - 1
-                with autocast:
-                    loss, stats = train_module(batch)
-                finite = torch.isfinite(loss.detach()).float()
-                if dist.is_initialized():  # every rank stops together: a lone rank stopping would hang the rest
-                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-                if not bool(finite):
-                    raise RuntimeError(f"non-finite loss {loss.item()} at step {step} (stats {stats}); stopping. The "
-                                       f"last good checkpoint is {ckpts[-1] if ckpts else 'none (none written yet)'}")
-                (loss / len(batches)).backward()
-                for k, v in stats.items():
-                    stats_acc[k] = stats_acc.get(k, 0.0) + v / len(batches) / args.updates_per_rollout
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            if not torch.isfinite(grad_norm):
-                raise RuntimeError(f"non-finite gradient norm at step {step}; stopping before the update")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        if args.fsdp:
-            refresh_replica(sampler_model, model)
+        stats, grad_norm = update(args, train_module, model, optimizer, params, batches, autocast, step,
+                                  ckpts[-1] if ckpts else None)
+        refresh_sampler(sampler, model)
         t_update = time.perf_counter() - t1
         t_sample, t_score = sum(b["sample_s"] for b in batches), sum(b["score_s"] for b in batches)
         tags = [t["tag"] for b in batches for t in b["tasks"]]
         rewards_all = [r for b in batches for r in b["rewards"].tolist()]
-
         entry = dict(step=step + 1, lr=lr_at(step, args), grad_norm=float(grad_norm), rollout_s=t_sample,
                      score_s=t_score, update_s=t_update, images_per_s=len(rewards_all) / max(t_sample, 1e-9),
                      tokens_per_s=sum(b["tokens"].numel() for b in batches) / max(t_sample, 1e-9))
-        entry.update(gather_means(stats_acc, tags, rewards_all))
-        out_of_time = torch.tensor(float(bool(args.minutes) and time.time() - t_start > 60 * args.minutes))
+        entry.update(gather_means(stats, tags, rewards_all))
+        # a collective's tensor lives on the training device (NCCL accepts nothing else)
+        out_of_time = torch.tensor(float(bool(args.minutes) and time.time() - t_start > 60 * args.minutes),
+                                   device=device)
         if dist.is_initialized():  # rank 0's clock decides for everyone
             dist.broadcast(out_of_time, 0)
         last = step + 1 == args.steps or bool(out_of_time) or (args.stop_after and step + 1 - start >= args.stop_after)
@@ -433,7 +520,8 @@ def main(argv=None):
             log.flush()
             bar.set_postfix(reward=f"{entry.get('reward', 0):.3f}", loss=f"{entry.get('loss_img', entry.get('loss_t2i', 0)):.3f}")
         if (step + 1) % args.save_every == 0 or last:
-            ckpts.append(save_checkpoint(args, step + 1, objective if args.fsdp else model, optimizer, rank, args.model))
+            ckpts.append(save_checkpoint(args, step + 1, objective if args.fsdp else model, optimizer, rank,
+                                         args.model, roles_cfg))
         if last:
             break
     if rank == 0 and before:
@@ -451,25 +539,45 @@ def print_before_after(before, after):
 
 
 def merge_batches(batches):
-    """Concatenate rollout batches (one per prompt group) along the image dimension."""
+    """Concatenate rollout batches (one per prompt group) along the image dimension.
+
+    Show-o's trajectory rows are [cond; uncond] per group; the merged batch keeps that layout over all groups,
+    [cond_1; cond_2; ...; uncond_1; uncond_2; ...], because the replay splits its rows at B (the image count)."""
     out = {}
     for k, v in batches[0].items():
-        if isinstance(v, torch.Tensor):
+        if k == "trajectory":  # per step: input_ids in the [all cond; all uncond] layout, revealed per image
+            out[k] = [dict(input_ids=cond_then_uncond([b[k][s]["input_ids"] for b in batches],
+                                                      [len(b["tokens"]) for b in batches]),
+                           revealed=torch.cat([b[k][s]["revealed"] for b in batches])) for s in range(len(v))]
+        elif k == "attention_mask":  # the trajectory's mask rows, in the same layout as its input_ids
+            out[k] = cond_then_uncond([b[k] for b in batches], [len(b["tokens"]) for b in batches])
+        elif isinstance(v, torch.Tensor):
             out[k] = torch.cat([b[k] for b in batches])
         elif isinstance(v, float):  # seconds
             out[k] = sum(b[k] for b in batches)
-        elif k == "trajectory":  # per step: concatenate the rows of every group
-            out[k] = [{f: torch.cat([b[k][s][f] for b in batches]) for f in v[s]} for s in range(len(v))]
         else:
             out[k] = [x for b in batches for x in b[k]]
     return out
 
 
+def cond_then_uncond(parts, n_images):
+    """Rows [cond_g; uncond_g] of each group g (or [cond_g] alone without guidance) -> [all cond; all uncond]."""
+    if all(len(p) == n for p, n in zip(parts, n_images)):  # no guidance rows
+        return torch.cat(parts)
+    return torch.cat([p[:n] for p, n in zip(parts, n_images)] + [p[n:] for p, n in zip(parts, n_images)])
+
+
 @torch.no_grad()
-def refresh_replica(replica, sharded):
-    """Copy the FSDP-sharded weights into the plain inference replica, in place (CUDA-graph addresses stay valid)."""
-    for p_rep, p in zip(replica.parameters(), sharded.parameters()):
-        p_rep.copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
+def refresh_sampler(sampler, model):
+    """Copy the trained weights into the sampler copy, in place (CUDA-graph addresses stay valid; copy_ casts to
+    the sampler's dtype). Under FSDP each shard is gathered first. Nothing to do when the model samples itself."""
+    if sampler is model:
+        return
+    trained = dict(model.named_parameters())
+    for name, p_sampler in sampler.named_parameters():
+        p = trained[name]
+        if p.requires_grad:  # the frozen towers never change
+            p_sampler.copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
 
 
 if __name__ == "__main__":

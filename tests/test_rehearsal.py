@@ -1,0 +1,263 @@
+"""Every training line of the README, rehearsed in miniature through the CLI on every fixture model (Janus and Show-o):
+sft and grpo, one process and torchrun with 2 ranks (DDP, FSDP2), fp32 and bf16. A CPU run with --dtype bf16 takes
+the path a GPU takes (bf16 sampler copy, bf16 KV caches, autocast losses), so these tests cover what a GPU runs.
+
+The one-process lines run in CI; the torchrun lines (about 4 minutes on 2 cores) are marked `slow`:
+    python -m pytest -q -m slow tests/test_rehearsal.py
+"""
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import generate
+import grpo
+import model
+import sft
+import train
+from data_paths import fixture_dirs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = fixture_dirs("janus") + fixture_dirs("showo")
+JANUS, SHOWO = fixture_dirs("janus"), fixture_dirs("showo")
+name = os.path.basename
+
+
+def tiny(model_dir, algo, out, dtype="fp32", steps=2, extra=()):
+    """The launch line at miniature sizes: 2 steps, 2 images per prompt, 4 answer tokens, 4 MaskGIT steps."""
+    return ["--model", model_dir, "--algo", algo, "--out", str(out), "--steps", str(steps), "--tasks", "16",
+            "--group-size", "2", "--max-answer-tokens", "4", "--lr", "1e-3", "--warmup", "1", "--save-every", "1",
+            "--cfg", "2", "--beta", "0.1", "--showo-steps", "4", "--device", "cpu", "--dtype", dtype, *extra]
+
+
+def checkpoints(out):
+    return sorted(glob.glob(os.path.join(out, "step_*[0-9]")))
+
+
+def final_weights(out):
+    return load_file(os.path.join(checkpoints(out)[-1], "model.safetensors"))
+
+
+def assert_trained(out, model_dir, steps=2):
+    """Finite numbers in every log line, one line per step, and weights that moved."""
+    lines = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+    assert [l["step"] for l in lines] == list(range(1, steps + 1))
+    for line in lines:
+        bad = {k: v for k, v in line.items() if isinstance(v, float) and not math.isfinite(v)}
+        assert not bad, f"non-finite log values {bad}"
+    base = model.read_checkpoint(model_dir, names=model.WEIGHT_NAMES)
+    got = final_weights(out)
+    moved = max((got[k].float() - base[k].float()).abs().max().item() for k in got if k in base)
+    assert moved > 1e-4, "training did not move the weights"
+    return got
+
+
+def assert_same_weights(a, b, atol):
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= atol, f"weights differ by {worst:.3g}"
+
+
+# -----------------------------------------------------------------------------------------------------------
+# one process: both families x both algorithms x both dtypes, plus the options that change the code path
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("algo", ["sft", "grpo"])
+@pytest.mark.parametrize("model_dir", MODELS, ids=name)
+def test_one_process(model_dir, algo, dtype, tmp_path):
+    train.main(tiny(model_dir, algo, tmp_path, dtype))
+    assert_trained(tmp_path, model_dir)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("model_dir", MODELS, ids=name)
+def test_end_to_end_sft(model_dir, dtype, tmp_path):
+    train.main(tiny(model_dir, "sft", tmp_path, dtype, extra=["--end-to-end"]))
+    assert_trained(tmp_path, model_dir)
+
+
+@pytest.mark.parametrize("algo", ["sft", "grpo"])
+@pytest.mark.parametrize("model_dir", MODELS, ids=name)
+def test_activation_checkpointing_really_runs(model_dir, algo, tmp_path, monkeypatch):
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    train.main(tiny(model_dir, algo, tmp_path, "bf16", steps=1, extra=["--activation-checkpointing"]))
+    assert calls, "--activation-checkpointing made no checkpoint call during the loss"
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("model_dir", MODELS, ids=name)
+def test_resume_equals_uninterrupted(model_dir, dtype, tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train.main(tiny(model_dir, "grpo", whole, dtype, steps=3))
+    train.main(tiny(model_dir, "grpo", split, dtype, steps=3, extra=["--stop-after", "2"]))
+    assert len(checkpoints(split)) == 2
+    train.main(tiny(model_dir, "grpo", split, dtype, steps=3, extra=["--resume"]))
+    assert_same_weights(final_weights(whole), final_weights(split), atol=0.0)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("model_dir", SHOWO, ids=name)
+def test_showo_trajectory_replay_with_two_prompts_per_rank(model_dir, dtype, tmp_path):
+    train.main(tiny(model_dir, "grpo", tmp_path, dtype, extra=["--showo-logp", "trajectory", "--prompts-per-rank",
+                                                               "2", "--showo-replay-steps", "2"]))
+    assert_trained(tmp_path, model_dir)
+
+
+@pytest.mark.parametrize("model_dir", SHOWO, ids=name)
+def test_replayed_logprobs_equal_the_samplers_over_merged_groups(model_dir):
+    """Two prompt groups merged as train.py merges them: the replay of every step gives each token the log-prob
+    it was drawn with (fp32). The old merge interleaved [cond_1; uncond_1; cond_2; uncond_2] and was 31 nats off."""
+    m, p = model.load_model(model_dir, dtype=torch.float32)
+    tasks = [dict(prompt="a photo of a cat", question="q", tag="single_object"),
+             dict(prompt="two red dogs on a long green sofa", question="q", tag="single_object")]
+    parts = []
+    for i, task in enumerate(tasks):
+        out = generate.showo_generate(m, p, [task["prompt"]], 2, guidance_scale=2.0, timesteps=4,
+                                      generator=torch.Generator().manual_seed(i), return_logprobs=True,
+                                      decode=False, return_trajectory=True)
+        parts.append(dict(tokens=out["tokens"], sample_logprobs=out["logprobs"], trajectory=out["trajectory"],
+                          attention_mask=out["attention_mask"], tasks=[task] * 2))
+    batch = train.merge_batches(parts)
+    with torch.no_grad():
+        logp, covered = grpo.showo_trajectory_logprobs(m, batch, guidance_scale=2.0)
+    assert covered.all()
+    torch.testing.assert_close(logp, batch["sample_logprobs"], atol=1e-5, rtol=0)
+    with torch.no_grad():  # a subset of steps covers exactly the tokens those steps revealed
+        some, covered = grpo.showo_trajectory_logprobs(m, batch, guidance_scale=2.0, steps=[1, 3])
+    revealed = batch["trajectory"][1]["revealed"] | batch["trajectory"][3]["revealed"]
+    assert torch.equal(covered, revealed)
+    torch.testing.assert_close(some[covered], batch["sample_logprobs"][covered], atol=1e-5, rtol=0)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# what the launch lines promise around the training step
+
+
+def test_grad_clip_zero_means_no_clipping(tmp_path):
+    """--grad-clip 0 used to clip to norm 0, i.e. zero every gradient (Show-o's shipped config has no clipping)."""
+    zero, huge = tmp_path / "zero", tmp_path / "huge"
+    sgd = ["--optimizer", "sgd", "--lr", "0.5", "--weight-decay", "0"]
+    train.main(tiny(JANUS[0], "sft", zero, extra=sgd + ["--grad-clip", "0"]))
+    train.main(tiny(JANUS[0], "sft", huge, extra=sgd + ["--grad-clip", "1e9"]))
+    assert_trained(zero, JANUS[0])
+    assert_same_weights(final_weights(zero), final_weights(huge), atol=1e-6)
+
+
+def test_showo_temperature_flags_are_separate(tmp_path):
+    with pytest.raises(SystemExit, match="remask-temperature"):
+        train.main(tiny(SHOWO[0], "grpo", tmp_path, extra=["--temperature", "0.5"]))
+    train.main(tiny(SHOWO[0], "grpo", tmp_path, steps=1, extra=["--remask-temperature", "0.5"]))
+
+
+def test_janus_roles_travel_with_every_checkpoint(tmp_path, capsys):
+    """A Janus-1.3B run writes its roles into each checkpoint, which reloads with them, whatever its folder name;
+    a folder without the file (e.g. a hub-cache snapshot) is guessed from its whole path, with a warning."""
+    train.main(tiny(JANUS[0], "sft", tmp_path / "run", steps=1, extra=["--roles", "janus-1.3b"]))
+    ckpt = checkpoints(tmp_path / "run")[-1]
+    capsys.readouterr()
+    m, p = model.load_model(ckpt)
+    assert (m.cfg.user_role, m.cfg.assistant_role) == ("User", "Assistant")
+    assert "warning" not in capsys.readouterr().err
+    assert p.t2i_prompt_ids("x") == p.encode("User: x\n\nAssistant:<begin_of_image>")
+    snapshot = tmp_path / "models--deepseek-ai--Janus-1.3B" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    for f in glob.glob(os.path.join(JANUS[0], "*")):
+        if not f.endswith(model.ROLES_FILE):
+            os.symlink(f, snapshot / os.path.basename(f))
+    m, _ = model.load_model(str(snapshot))
+    assert m.cfg.user_role == "User"
+    assert "warning" in capsys.readouterr().err
+    m, _ = model.load_model(str(snapshot), roles="janus-pro")
+    assert m.cfg.user_role == "<|User|>"
+
+
+def test_geneval_prompts_are_excluded_by_default_and_eval_tasks_are_held_out(tmp_path):
+    args = train.parse_args(["--model", JANUS[0], "--tasks", "2000", "--eval-tasks", "200"])
+    assert os.path.isfile(args.exclude) and args.exclude.startswith(ROOT)  # the copy shipped in the repository
+    tasks, eval_tasks, report = train.make_task_sets(args, toy_world=False)
+    geneval = {t["prompt"] for t in map(json.loads, open(args.exclude))}
+    train_prompts = {t["prompt"] for t in tasks}
+    assert report["excluded"] > 0 and not train_prompts & geneval
+    assert not {t["prompt"] for t in eval_tasks} & (train_prompts | geneval)
+    with pytest.raises(SystemExit):  # a missing exclude file is an error, never a silent "0 excluded"
+        train.parse_args(["--model", JANUS[0], "--exclude", str(tmp_path / "missing.jsonl")])
+    assert train.parse_args(["--model", JANUS[0], "--exclude", "none"]).exclude is None
+
+
+def test_collectives_get_tensors_on_the_training_device(tmp_path, monkeypatch):
+    """NCCL accepts only device tensors (gloo accepts both): every tensor train.py hands to a collective must live
+    on the training device. Checked on a one-rank gloo group; on a GPU machine the same test runs on CUDA."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    seen = []
+    for fn in ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor"):
+        real = getattr(torch.distributed, fn)
+
+        def wrapped(tensor, *args, _real=real, _fn=fn, **kwargs):
+            seen.append((_fn, tensor.device))
+            return _real(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(torch.distributed, fn, wrapped)
+    argv = tiny(JANUS[0], "grpo", tmp_path, "bf16", steps=1)
+    argv[argv.index("--device") + 1] = device
+    train.main(argv)
+    assert {fn for fn, _ in seen} >= {"all_reduce", "broadcast"}
+    assert all(d.type == torch.device(device).type for _, d in seen), seen
+
+
+# -----------------------------------------------------------------------------------------------------------
+# torchrun with 2 ranks: DDP and FSDP2 equal one process (fp32, SGD: linear in the gradient); bf16 trains
+
+
+def torchrun(args, out, sharding):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py")] + args + (["--fsdp"] if sharding == "fsdp" else [])
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
+
+
+SGD = ["--optimizer", "sgd", "--lr", "0.5"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("algo", ["sft", "grpo"])
+@pytest.mark.parametrize("model_dir", MODELS, ids=name)
+def test_torchrun_two_ranks(model_dir, algo, dtype, sharding, tmp_path):
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    torchrun(tiny(model_dir, algo, multi, dtype, extra=SGD + ["--prompts-per-rank", "1"]), multi, sharding)
+    got = assert_trained(multi, model_dir)
+    if dtype == "fp32":  # bf16 rounding differs with the batch layout, so only fp32 is held to equality
+        train.main(tiny(model_dir, algo, single, dtype, extra=SGD + ["--prompts-per-rank", "2"]))
+        assert_same_weights(final_weights(single), got, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+@pytest.mark.parametrize("model_dir", MODELS, ids=name)
+def test_torchrun_two_updates_per_rollout(model_dir, sharding, tmp_path):
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    extra = SGD + ["--updates-per-rollout", "2"]
+    torchrun(tiny(model_dir, "grpo", multi, extra=extra + ["--prompts-per-rank", "1"]), multi, sharding)
+    train.main(tiny(model_dir, "grpo", single, extra=extra + ["--prompts-per-rank", "2"]))
+    assert_same_weights(final_weights(single), assert_trained(multi, model_dir), atol=1e-5)
