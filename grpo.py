@@ -93,9 +93,26 @@ def draw_showo_masks(n_groups, group_size, num_tokens, generator=None):
     image: [n_groups * group_size, N] bool. Drawn once and shared by pi_theta and pi_ref."""
     device = generator.device if generator is not None else "cpu"
     t = torch.rand(n_groups, generator=generator, device=device)
-    k = (num_tokens * torch.cos(t * math.pi / 2)).round().clamp(min=1).repeat_interleave(group_size)
-    order = torch.rand(n_groups * group_size, num_tokens, generator=generator, device=device).argsort(1)
-    return order < k[:, None]
+    u = torch.rand(n_groups * group_size, num_tokens, generator=generator, device=device)
+    return showo_masks_from_uniforms(t.repeat_interleave(group_size), u)
+
+
+def showo_masks_from_uniforms(t, u):
+    """t [B] (equal within a group), u [B, N] -> masks [B, N]: the round(N cos(pi t / 2)) >= 1 positions of
+    smallest u."""
+    k = (u.shape[1] * torch.cos(t * math.pi / 2)).round().clamp(min=1)
+    return u.argsort(1) < k[:, None]
+
+
+def rollout_showo_masks(batch, group_size, num_tokens, generator=None):
+    """The masks of a rollout batch: fixed ones if recorded, else from the rollout's own uniforms (per group, so
+    that the split over ranks changes nothing; the group's first t serves the whole group), else fresh."""
+    if batch.get("showo_masks") is not None:
+        return batch["showo_masks"]
+    if "noise_u" in batch:
+        t = batch["noise_t"].view(-1, group_size)[:, :1].expand(-1, group_size).reshape(-1)
+        return showo_masks_from_uniforms(t, batch["noise_u"])
+    return draw_showo_masks(len(batch["rewards"]) // group_size, group_size, num_tokens, generator)
 
 
 def showo_masked_logprobs(model, processor, prompts, tokens, masks):
@@ -184,9 +201,9 @@ def grpo_loss(model, processor, batch, group_size, ref_model=None, beta=0.0, cfg
     keep = ~flat.repeat_interleave(group_size) if skip_flat_groups else torch.ones_like(rewards, dtype=torch.bool)
     stats = dict(flat_groups=float(flat.float().mean()), adv_abs=float(adv.abs().mean()))
     if optimize in ("t2i", "both"):
-        masks = batch.get("showo_masks")  # fixed per rollout when the rollout gets several updates
-        if hasattr(model, "showo") and masks is None:
-            masks = draw_showo_masks(len(rewards) // group_size, group_size, model.config.num_vq_tokens, generator)
+        masks = None
+        if hasattr(model, "showo") and "trajectory" not in batch:
+            masks = rollout_showo_masks(batch, group_size, model.config.num_vq_tokens, generator)
         steps = None
         if "trajectory" in batch and 0 < replay_steps < len(batch["trajectory"]):
             order = torch.randperm(len(batch["trajectory"]), generator=generator,
@@ -223,8 +240,7 @@ def record_old_logprobs(model, processor, batch, group_size, cfg_weight=5.0, tem
     """Before the first of several updates on one rollout: freeze pi_old's log-probs (and Show-o's masks) in the
     batch, so that the later updates see ratios pi_theta / pi_old and the clip becomes active."""
     if hasattr(model, "showo") and "trajectory" not in batch:
-        batch["showo_masks"] = draw_showo_masks(len(batch["rewards"]) // group_size, group_size,
-                                                model.config.num_vq_tokens, generator)
+        batch["showo_masks"] = rollout_showo_masks(batch, group_size, model.config.num_vq_tokens, generator)
     batch["logp_old_img"], _ = image_logprobs(model, processor, batch, group_size, cfg_weight, temperature,
                                               janus_logp, batch.get("showo_masks"))
     batch["logp_old_ans"], _ = answer_logprobs(model, processor, batch, list(range(len(batch["rewards"]))),

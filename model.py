@@ -1371,13 +1371,14 @@ def t2i_prompt(tok, texts, image_ids, max_seq_length):
     return _around_image(tok, rows, image_ids)
 
 
-def t2i_train_prompt(tok, texts, image_ids, image_labels, max_seq_length, cond_dropout_prob=0.1):
+def t2i_train_prompt(tok, texts, image_ids, image_labels, max_seq_length, cond_dropout_prob=0.1, uniforms=None):
     """Training rows and labels: as t2i_prompt, with classifier-free-guidance dropout of the text.
 
-    A rand(B) is drawn on every call, even at p = 0, as the official code does (it shifts the RNG stream).
+    A rand(B) is drawn on every call, even at p = 0, as the official code does (it shifts the RNG stream), unless
+    the B uniforms are given (train.py draws them per prompt group, so a run does not depend on its rank layout).
     Labels are the row itself with [PAD] -> -100, so <|soi|> and <|eoi|> are their own targets.
     """
-    dropped = torch.rand(len(texts)) < cond_dropout_prob
+    dropped = (torch.rand(len(texts)) if uniforms is None else uniforms.cpu()) < cond_dropout_prob
     rows = [_t2i_text_block(tok, [tok.bos_id] if drop else _with_bos(tok, tok.encode(t)), max_seq_length + 1)
             for t, drop in zip(texts, dropped)]
     ids, labels = _around_image(tok, rows, image_ids), _around_image(tok, rows, image_labels)

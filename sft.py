@@ -30,7 +30,8 @@ from model import IGNORE_ID, omni_attention_mask, t2i_prompt, t2i_train_prompt
 from understand import janus_answer_logprobs, janus_pixels, self_check, showo_answer_logprobs
 
 
-def janus_t2i_loss(model, processor, prompts, tokens, cond_dropout=0.0, generator=None, cfg_weight=None):
+def janus_t2i_loss(model, processor, prompts, tokens, cond_dropout=0.0, generator=None, cfg_weight=None,
+                   uniforms=None):
     """Next-code NLL of the images, conditional branch; with prob cond_dropout a row sees the unconditional prompt
     so that the model keeps its classifier-free-guidance ability (our choice, method.md marks it [SPEC]).
 
@@ -41,9 +42,11 @@ def janus_t2i_loss(model, processor, prompts, tokens, cond_dropout=0.0, generato
     if cfg_weight is not None:
         return -janus_image_logprobs(model, processor, prompts, tokens, cfg_weight, mode="cfg").mean()
     uncond = None
-    if cond_dropout > 0:
+    if cond_dropout > 0:  # uniforms: one per row, drawn at rollout time (else drawn here)
         device = generator.device if generator is not None else tokens.device
-        uncond = torch.rand(len(prompts), generator=generator, device=device) < cond_dropout
+        if uniforms is None:
+            uniforms = torch.rand(len(prompts), generator=generator, device=device)
+        uncond = uniforms < cond_dropout
     return -janus_image_logprobs(model, processor, prompts, tokens, mode="cond", uncond=uncond).mean()
 
 
@@ -70,28 +73,48 @@ def rollout(model, processor, tasks, images_per_prompt, cfg_weight=None, tempera
     check = self_check(judge or model, processor, None if showo else out["images"], flat, max_answer_tokens,
                        normalize, tokens=out["tokens"] if showo else None)
     extra = {k: out[k] for k in ("trajectory", "attention_mask") if k in out}
+    # the losses' random draws (SFT's CFG dropout, Show-o's masking), made here from this rollout's generator:
+    # they belong to the prompt group, so a run does not depend on how its groups are split over ranks
+    B, N = out["tokens"].shape
+    device = generator.device if generator is not None else out["tokens"].device
+    noise = dict(noise_drop=torch.rand(B, generator=generator, device=device),
+                 noise_t=torch.rand(B, generator=generator, device=device),
+                 noise_u=torch.rand(B, N, generator=generator, device=device))
     return dict(tasks=flat, tokens=out["tokens"], images=out["images"], sample_logprobs=out["logprobs"], **check,
-                **extra, sample_s=t1 - t0, score_s=time.perf_counter() - t1)
+                **extra, **noise, sample_s=t1 - t0, score_s=time.perf_counter() - t1)
 
 
-def showo_t2i_loss(model, processor, prompts, codes, cond_dropout=0.1):
-    """Show-o's masked-token loss, as the official training computes it: one t ~ U(0, 1) per row, mask
+def showo_t2i_loss(model, processor, prompts, codes, cond_dropout=0.1, noise=None):
+    """Show-o's masked-token loss as the official training corrupts its rows: one t ~ U(0, 1) per row, mask
     round(N cos(pi t / 2)) random image tokens, predict them (unshifted, full-vocabulary CE, <|soi|>/<|eoi|> as
-    their own targets), the text replaced by the empty prompt with probability cond_dropout."""
+    their own targets), the text replaced by the empty prompt with probability cond_dropout.
+
+    Reduced per image (mean over its masked tokens), then over images: the official token mean over the local
+    batch would weigh an image by how many tokens it masked, so a loss split over ranks would differ from one
+    process. noise: dict(t [B], u [B, N], drop [B]) uniforms drawn at rollout time (else fresh draws)."""
     cfg, tok = model.config, processor.tok
     image_ids = codes + cfg.image_offset
-    masked_ids, labels, _ = mask_image_tokens(image_ids, cfg.mask_token_id)
-    ids, labels = t2i_train_prompt(tok, prompts, masked_ids, labels, processor.max_seq_length, cond_dropout)
+    noise = noise or {}
+    masked_ids, labels, _ = mask_image_tokens(image_ids, cfg.mask_token_id, t=noise.get("t"), u=noise.get("u"))
+    ids, labels = t2i_train_prompt(tok, prompts, masked_ids, labels, processor.max_seq_length, cond_dropout,
+                                   uniforms=noise.get("drop"))
     mask = omni_attention_mask(ids, tok.pad_id, tok.special_ids["<|soi|>"], tok.special_ids["<|eoi|>"],
                                rm_pad_in_image=True)
-    return showo_training_losses(model, ids, mask, labels, len(prompts), 0, 0)[1]
+    P = ids.shape[1] - cfg.num_vq_tokens - 2
+    logits = model(ids, attention_mask=mask)[:, P:]  # [B, N + 2, V]
+    targets = labels[:, P:].to(logits.device)
+    ce = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_ID, reduction="none")  # [B, N + 2]
+    valid = targets != IGNORE_ID
+    return ((ce * valid).sum(1) / valid.sum(1).clamp(min=1)).mean()
 
 
-def t2i_loss(model, processor, prompts, tokens, cond_dropout=0.0, generator=None, cfg_weight=None):
-    """The family's T2I loss; cfg_weight (Janus only) fits the guided sampler, see janus_t2i_loss."""
+def t2i_loss(model, processor, prompts, tokens, cond_dropout=0.0, generator=None, cfg_weight=None, noise=None):
+    """The family's T2I loss; cfg_weight (Janus only) fits the guided sampler, see janus_t2i_loss. noise: the
+    rollout's per-image uniforms for dropout (and Show-o's masking), so that the draw belongs to the image."""
     if hasattr(model, "showo"):
-        return showo_t2i_loss(model, processor, prompts, tokens, cond_dropout)
-    return janus_t2i_loss(model, processor, prompts, tokens, cond_dropout, generator, cfg_weight)
+        return showo_t2i_loss(model, processor, prompts, tokens, cond_dropout, noise)
+    return janus_t2i_loss(model, processor, prompts, tokens, cond_dropout, generator, cfg_weight,
+                          None if noise is None else noise["drop"])
 
 
 def answer_logprobs(model, processor, batch, idx, answers, detach_image=True):
@@ -124,8 +147,9 @@ def sft_loss(model, processor, batch, lambda_t2i=1.0, lambda_mmu=1.0, mmu_filter
         rows = keep[term].nonzero()[:, 0].tolist() or list(range(B))
         share = int(keep[term].sum()) / B
         if term == "t2i":
+            noise = {k: batch[f"noise_{k}"][rows] for k in ("drop", "t", "u")} if "noise_u" in batch else None
             value = t2i_loss(model, processor, [batch["tasks"][i]["prompt"] for i in rows],
-                             batch["tokens"][rows].to(device), cond_dropout, generator, t2i_cfg_weight)
+                             batch["tokens"][rows].to(device), cond_dropout, generator, t2i_cfg_weight, noise)
         elif end_to_end:
             value = end_to_end_mmu_loss(model, processor, [batch["tasks"][i]["prompt"] for i in rows],
                                         batch["tokens"][rows].to(device), [batch["tasks"][i]["question"] for i in rows],
@@ -219,17 +243,19 @@ def janus_end_to_end_backward(model, processor, prompts, tokens, questions, answ
 # Show-o: the masked-token training loss, exactly as the official training computes it
 
 
-def mask_image_tokens(image_ids, mask_token_id, schedule=cosine_schedule, min_masking_rate=0.0):
+def mask_image_tokens(image_ids, mask_token_id, schedule=cosine_schedule, min_masking_rate=0.0, t=None, u=None):
     """Training corruption (mask_or_random_replace_tokens, 'mask' branch) -> (input_ids, labels, mask_prob).
 
     Per row: t ~ U(0, 1), k = round(N * schedule(t)) >= 1 (half-to-even), and position j is masked iff
     argsort(u)[j] < k for fresh uniforms u. Labels keep the token where masked, -100 elsewhere.
-    RNG order: rand(B), then rand(B, N).
+    RNG order: rand(B), then rand(B, N); or t [B] and u [B, N] given (drawn per prompt group at rollout time).
     """
     B, N = image_ids.shape
-    mask_prob = schedule(torch.rand(B, device=image_ids.device)).clip(min_masking_rate)
+    t = torch.rand(B, device=image_ids.device) if t is None else t
+    mask_prob = schedule(t).clip(min_masking_rate)
     num_masked = (N * mask_prob).round().clamp(min=1)
-    masked = torch.rand(B, N, device=image_ids.device).argsort(dim=-1) < num_masked[:, None]
+    u = torch.rand(B, N, device=image_ids.device) if u is None else u
+    masked = u.argsort(dim=-1) < num_masked[:, None]
     return (torch.where(masked, mask_token_id, image_ids), torch.where(masked, image_ids, IGNORE_ID), mask_prob)
 
 

@@ -143,6 +143,30 @@ def test_replayed_logprobs_equal_the_samplers_over_merged_groups(model_dir):
     torch.testing.assert_close(some[covered], batch["sample_logprobs"][covered], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("model_dir", MODELS, ids=name)
+def test_losses_do_not_depend_on_the_rank_layout(model_dir):
+    """DDP averages the per-rank losses: for every loss, the mean over two groups' batches must equal the loss of
+    the merged batch, with images kept and rejected, so that torchrun equals one process whatever the split. The
+    random draws of the losses (CFG dropout, Show-o's masks) belong to each group's rollout."""
+    m, p = model.load_model(model_dir, dtype=torch.float32)
+    m.train()
+    tasks = [dict(prompt="a photo of a cat", question="What is the main item in this image?", answer="cat",
+                  tag="single_object", include=[{"class": "cat", "count": 1}]),
+             dict(prompt="a photo of two dogs", question="How many items in this image?", answer="two dogs",
+                  tag="counting", include=[{"class": "dog", "count": 2}])]
+    parts = [sft.rollout(m, p, [t], 2, 2.0, generator=torch.Generator().manual_seed(i), max_answer_tokens=3,
+                         steps=3) for i, t in enumerate(tasks)]
+    parts[0]["correct"], parts[1]["correct"] = torch.tensor([True, False]), torch.tensor([True, True])
+    parts[0]["rewards"], parts[1]["rewards"] = torch.tensor([1.0, 0.0]), torch.tensor([0.5, 1.0])
+    merged = train.merge_batches(parts)
+    losses = dict(
+        sft=lambda b: sft.sft_loss(m, p, b, cond_dropout=0.5, generator=torch.Generator().manual_seed(7))[0],
+        grpo=lambda b: grpo.grpo_loss(m, p, b, 2, cfg_weight=2.0, generator=torch.Generator().manual_seed(7))[0])
+    for which, loss in losses.items():
+        split = (loss(parts[0]) + loss(parts[1])) / 2
+        assert float(loss(merged).detach()) == pytest.approx(float(split.detach()), abs=1e-5), which
+
+
 # -----------------------------------------------------------------------------------------------------------
 # what the launch lines promise around the training step
 

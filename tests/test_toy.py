@@ -11,9 +11,10 @@ from PIL import Image
 import eval_geneval
 import reward
 import toy
+from data_paths import TOY, toy_checkpoint
 from model import load_janus
 
-ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "toy")
+ASSETS = TOY
 O = toy.Obj
 
 
@@ -120,9 +121,7 @@ def test_tokenizer_round_trips_prompts_and_answers():
 
 @pytest.fixture(scope="module")
 def shipped():
-    if not os.path.isfile(os.path.join(ASSETS, "model.safetensors")):
-        pytest.skip("no shipped toy checkpoint (python toy.py pretrain --out assets/toy)")
-    return load_janus(ASSETS)
+    return load_janus(toy_checkpoint())
 
 
 def test_shipped_checkpoint_loads_and_draws(shipped):
@@ -152,12 +151,11 @@ def test_shipped_judge_reads_rendered_scenes(shipped):
     assert agree >= 0.9, agree
 
 
-@pytest.mark.skipif(not os.path.isfile(os.path.join(ASSETS, "model.safetensors")),
-                    reason="no shipped toy checkpoint (python toy.py pretrain --out assets/toy)")
 @pytest.mark.parametrize("reward_kind", ["oracle", "self"])
 def test_short_grpo_run_improves_toy_geneval(reward_kind, tmp_path):
     """The embedded main job in miniature: a few seeded GRPO steps on the shipped checkpoint raise toy-GenEval,
     with the exact evaluator as reward and with the model's own (frozen) judge."""
+    toy_checkpoint()
     import train
     before, after = train.main(["--algo", "grpo", "--reward", reward_kind, "--out", str(tmp_path), "--steps", "12",
                                 "--eval-every", "1000", "--eval-tasks", "60", "--seed", "0", "--save-every", "1000"])
