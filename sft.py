@@ -62,7 +62,8 @@ def rollout(model, processor, tasks, images_per_prompt, cfg_weight=None, tempera
 
     judge: the model that answers (default: the same model; a frozen copy keeps the reward from drifting).
     Returns a flat batch of B = tasks x images_per_prompt: tasks, tokens [B, N], images uint8, sample_logprobs,
-    answers, answer_ids, rewards [B], correct [B] (and Show-o's sampling trajectory if asked).
+    answers, answer_ids, rewards [B], correct [B], the losses' uniforms noise_drop [B], noise_t [B], noise_u [B, N]
+    (and Show-o's sampling trajectory if asked).
     """
     t0 = time.perf_counter()
     out = sample_images(model, processor, [t["prompt"] for t in tasks], images_per_prompt, cfg_weight, temperature,

@@ -59,6 +59,29 @@ TOY_DEFAULTS = dict(lr=1e-4, warmup=5, steps=100_000, minutes=10.0, cfg=2.0, bet
                     reward_normalize=True)
 
 
+def number(kind, low=None, high=None, above=None):
+    """An argparse type: `kind` (int or float), finite, >= low / > above / <= high. A value outside gets one line
+    from argparse naming the flag and the range ("argument --lr: must be a finite float > 0, not 'inf'")."""
+    bounds = " and ".join(b for b in (f">= {low}" if low is not None else "", f"> {above}" if above is not None
+                                      else "", f"<= {high}" if high is not None else "") if b)
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {'an int' if kind is int else 'a float'}, not {text!r}")
+        if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high) \
+                or (above is not None and value <= above):
+            raise argparse.ArgumentTypeError(f"must be a finite {kind.__name__} {bounds}, not {text!r}")
+        return value
+    return parse
+
+
+COUNT, NONNEG, POSITIVE, FRACTION = number(int, low=1), number(int, low=0), number(float, above=0), \
+    number(float, low=0, high=1)
+NONNEG_F = number(float, low=0)
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--algo", choices=["sft", "grpo"], default="grpo")
@@ -73,46 +96,46 @@ def parse_args(argv=None):
                          "fp32: everything in fp32 (default on CPU)")
     ap.add_argument("--out", default="runs/unirl", help="checkpoints and log.jsonl")
     # data
-    ap.add_argument("--tasks", type=int, default=5000, help="size of the constructed training set")
+    ap.add_argument("--tasks", type=COUNT, default=5000, help="size of the constructed training set")
     ap.add_argument("--exclude", default=GENEVAL_METADATA,
                     help="GenEval metadata whose prompts never become training prompts (default: the copy in "
                          "data/geneval; 'none' = no dedup, which trains on GenEval's test prompts)")
-    ap.add_argument("--prompts-per-rank", type=int, help="prompt groups per rank per micro-step")
-    ap.add_argument("--group-size", type=int, default=0, help="images per prompt (0 = UniRL's: 8 Janus, 3 Show-o)")
+    ap.add_argument("--prompts-per-rank", type=COUNT, help="prompt groups per rank per micro-step")
+    ap.add_argument("--group-size", type=NONNEG, default=0, help="images per prompt (0 = UniRL's: 8 Janus, 3 Show-o)")
     # optimisation
-    ap.add_argument("--steps", type=int)
-    ap.add_argument("--minutes", type=float, help="also stop after this much wall time (0 = no limit)")
-    ap.add_argument("--lr", type=float)
-    ap.add_argument("--warmup", type=int)
-    ap.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
-    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--steps", type=COUNT)
+    ap.add_argument("--minutes", type=NONNEG_F, help="also stop after this much wall time (0 = no limit)")
+    ap.add_argument("--lr", type=POSITIVE)
+    ap.add_argument("--warmup", type=NONNEG)
+    ap.add_argument("--min-lr-ratio", type=FRACTION, default=0.1, help="cosine decays to lr * this")
+    ap.add_argument("--weight-decay", type=NONNEG_F, default=0.01)
     ap.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
                     help="sgd: an update linear in the gradient, for checking runs against each other (Adam's first "
                          "steps turn float noise in near-zero gradients into +-lr updates)")
-    ap.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = no clipping)")
-    ap.add_argument("--grad-accum", type=int, default=1)
-    ap.add_argument("--updates-per-rollout", type=int, default=1,
+    ap.add_argument("--grad-clip", type=NONNEG_F, default=1.0, help="max gradient norm (0 = no clipping)")
+    ap.add_argument("--grad-accum", type=COUNT, default=1)
+    ap.add_argument("--updates-per-rollout", type=COUNT, default=1,
                     help="optimizer steps on each rollout (GRPO: > 1 freezes an old policy and clips the ratio)")
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard per block); for Janus-Pro-7B")
     # sampling
-    ap.add_argument("--cfg", type=float, help="guidance while sampling")
-    ap.add_argument("--temperature", type=float,
+    ap.add_argument("--cfg", type=NONNEG_F, help="guidance while sampling")
+    ap.add_argument("--temperature", type=POSITIVE,
                     help="Janus: image-token sampling temperature (default 1). Show-o samples its codes untempered "
                          "(official sampler); its knob is --remask-temperature")
-    ap.add_argument("--remask-temperature", type=float, default=1.0,
+    ap.add_argument("--remask-temperature", type=NONNEG_F, default=1.0,
                     help="Show-o: scale of the Gumbel noise that picks the tokens re-masked each MaskGIT step, "
                          "annealed to 0 over the steps (official default 1)")
-    ap.add_argument("--showo-steps", type=int, default=50, help="Show-o MaskGIT steps per image")
-    ap.add_argument("--max-answer-tokens", type=int, default=100)
+    ap.add_argument("--showo-steps", type=COUNT, default=50, help="Show-o MaskGIT steps per image")
+    ap.add_argument("--max-answer-tokens", type=COUNT, default=100)
     # GRPO
-    ap.add_argument("--beta", type=float, help="k3 KL coefficient (0 skips the reference model)")
+    ap.add_argument("--beta", type=NONNEG_F, help="k3 KL coefficient (0 skips the reference model)")
     ap.add_argument("--logp", choices=["cond", "cfg"],
                     help="Janus image log-probs: conditional row or the guided sampler's (GRPO's ratio and KL; SFT's "
                          "T2I target). Default: cond, except toy-world SFT: cfg")
     ap.add_argument("--showo-logp", choices=["masked", "trajectory"], default="masked",
                     help="Show-o image log-prob estimator: one masked pass, or a replay of the sampling steps")
-    ap.add_argument("--showo-replay-steps", type=int, default=0,
+    ap.add_argument("--showo-replay-steps", type=NONNEG, default=0,
                     help="trajectory replay: re-run this many randomly chosen sampling steps per update (their "
                          "tokens carry the loss; 0 = all). Each replayed step keeps one forward's graph until "
                          "backward, so this bounds memory")
@@ -129,19 +152,21 @@ def parse_args(argv=None):
                     help="reward = matched slots / slots (else the count of matched slots)")
     # SFT
     ap.add_argument("--sft-mmu-filter", choices=["all", "verified"], default="all")
-    ap.add_argument("--cond-dropout", type=float, default=0.1)
+    ap.add_argument("--cond-dropout", type=FRACTION, default=0.1)
     ap.add_argument("--end-to-end", action="store_true",
                     help="straight-through Gumbel SFT: the answer loss also trains generation (Janus: through the VQ "
                          "decoder and SigLIP; Show-o: one-hot image embeddings)")
-    ap.add_argument("--tau", type=float, default=1.0, help="Gumbel-softmax temperature of --end-to-end")
+    ap.add_argument("--tau", type=POSITIVE, default=1.0, help="Gumbel-softmax temperature of --end-to-end")
     # bookkeeping
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--save-every", type=int, default=100)
-    ap.add_argument("--keep", type=int, default=3, help="checkpoints kept")
-    ap.add_argument("--eval-every", type=int, help="evaluation hook every N steps (0 = off)")
-    ap.add_argument("--eval-tasks", type=int, help="held-out tasks of the evaluation hook")
-    ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--stop-after", type=int, default=0, help="end this process after N steps (for testing resume)")
+    ap.add_argument("--save-every", type=COUNT, default=100)
+    ap.add_argument("--keep", type=COUNT, default=3, help="newest checkpoints kept (>= 1)")
+    ap.add_argument("--eval-every", type=NONNEG, help="evaluation hook every N steps (0 = off)")
+    ap.add_argument("--eval-tasks", type=COUNT, help="held-out tasks of the evaluation hook")
+    ap.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --out")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="start afresh in an --out that holds a run (its checkpoints and log are deleted)")
+    ap.add_argument("--stop-after", type=NONNEG, default=0, help="end this process after N steps (for testing resume)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     if args.dtype is None:
@@ -153,9 +178,6 @@ def parse_args(argv=None):
                  "prompts. Point it at evaluation_metadata.jsonl (data/geneval/ ships one), or say --exclude none")
     if args.group_size == 1 and args.algo == "grpo":
         ap.error("--group-size 1: GRPO's advantages compare the images of one prompt; a group of one has none")
-    for flag in ("grad_clip", "showo_replay_steps"):
-        if getattr(args, flag) < 0:
-            ap.error(f"--{flag.replace('_', '-')} must be >= 0")
     return args
 
 
@@ -290,6 +312,7 @@ def save_checkpoint(args, step, module, optimizer, rank, src_dir, roles_cfg=None
 
 
 def load_checkpoint(path, module, optimizer):
+    """-> (step, the arguments the checkpoint's run was started with)."""
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict, StateDictOptions
     full = StateDictOptions(full_state_dict=True)
@@ -299,7 +322,64 @@ def load_checkpoint(path, module, optimizer):
     set_model_state_dict(module, sd, options=full)
     state = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=True)
     set_optimizer_state_dict(module, optimizer, state["optimizer"], options=full)
-    return state["step"]
+    return state["step"], state["args"]
+
+
+def check_run_dir(args):
+    """Before any rank writes anything: an --out that holds a run is continued (--resume), started afresh
+    (--overwrite) or refused - never mixed with a new run (its rotation would delete the new checkpoints)."""
+    ckpts = glob.glob(os.path.join(args.out, "step_*[0-9]"))
+    if args.resume and args.overwrite:
+        raise SystemExit("--resume and --overwrite contradict each other")
+    if (ckpts or os.path.isfile(os.path.join(args.out, "log.jsonl"))) and not (args.resume or args.overwrite):
+        raise SystemExit(f"--out {args.out} already holds a run ({len(ckpts)} checkpoint(s), log.jsonl): pass "
+                         "--resume to continue it, --overwrite to start afresh, or another --out")
+
+
+def clear_run_dir(out):
+    for path in glob.glob(os.path.join(out, "step_*")):
+        shutil.rmtree(path, ignore_errors=True)
+    for name in ("log.jsonl", "config.json"):
+        if os.path.isfile(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+
+
+def check_resume(args, stored, start, path):
+    """A resumed run must be the same run: the algorithm, model and seed decide what every step draws."""
+    for key in ("algo", "model", "seed"):
+        old, new = stored.get(key), getattr(args, key)
+        if key == "model":
+            old, new = os.path.abspath(str(old)), os.path.abspath(new)
+        if old != new:
+            raise SystemExit(f"--resume: {path} was made with --{key} {old}, this run says --{key} {new}; use "
+                             "another --out, or --overwrite to replace that run")
+    changed = {k: (stored[k], v) for k, v in vars(args).items() if k in stored and stored[k] != v
+               and k not in ("resume", "stop_after", "overwrite")}
+    if changed:
+        print("--resume with changed arguments: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+    if args.steps <= start:
+        raise SystemExit(f"--resume: {path} is at step {start} and --steps is {args.steps}: nothing to train")
+
+
+def cut_log(path, step):
+    """Keep the log lines up to the resumed checkpoint's step, so that every step appears once."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+@torch.no_grad()
+def weights_finite(params):
+    """All ranks agree whether every (local shard of every) trainable parameter is finite."""
+    local = torch.stack([torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all() for p in params])
+    flag = local.all().float()
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -345,7 +425,7 @@ def resolve_defaults(args, model):
 
 
 def build_training(args, model, processor, device, world):
-    """-> (train_module, objective, sampler, judge, params). The sampler is the model itself in fp32 without
+    """-> (train_module, objective, sampler, judge, params, optimizer). The sampler is the model itself in fp32 without
     FSDP; otherwise an inference copy in the sampling dtype (FSDP: its shards gathered into it after each step)."""
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     frozen = None
@@ -405,7 +485,7 @@ def collect_rollouts(args, sampler, processor, tasks, judge, step, rank, world, 
             batch["rewards"] = torch.tensor([toy.oracle_reward(c, t, partial=True)
                                              for c, t in zip(batch["tokens"], batch["tasks"])])
             batch["correct"] = torch.tensor([toy.judge(c, t) for c, t in zip(batch["tokens"], batch["tasks"])])
-        batch["generator"] = task_generator(args, step, slots[0], device)  # SFT dropout / Show-o masks
+        batch["generator"] = task_generator(args, step, slots[0], device)  # losses' fallback RNG (rollouts draw first)
         batches.append(batch)
     return batches
 
@@ -440,13 +520,22 @@ def update(args, train_module, model, optimizer, params, batches, autocast, step
             raise RuntimeError(f"non-finite gradient norm at step {step}; stopping before the update")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if not weights_finite(params):  # e.g. a learning rate that overflows: nothing of this step is saved
+            raise RuntimeError(f"non-finite weights after the update of step {step} (lr {optimizer.param_groups[0]['lr']:.3g})"
+                               f"; stopping before anything is saved. The last good checkpoint is "
+                               f"{last_good or 'none (none written yet)'}")
     return stats_acc, grad_norm
 
 
 def main(argv=None):
     args = parse_args(argv)
+    check_run_dir(args)  # every rank, before the rendezvous: nobody has written yet
     rank, world, device = setup_distributed(args.device)
     torch.manual_seed(args.seed)
+    if args.overwrite and rank == 0:
+        clear_run_dir(args.out)
+    if dist.is_initialized():
+        dist.barrier()
     os.makedirs(args.out, exist_ok=True)
     if not os.path.isdir(args.model):
         raise SystemExit(f"--model {args.model!r} is not a folder" + (" (the toy checkpoint is made by "
@@ -472,8 +561,16 @@ def main(argv=None):
     start = 0
     ckpts = sorted(glob.glob(os.path.join(args.out, "step_*[0-9]")))
     if args.resume and ckpts:
-        start = load_checkpoint(ckpts[-1], objective if args.fsdp else model, optimizer)
+        start, stored = load_checkpoint(ckpts[-1], objective if args.fsdp else model, optimizer)
+        check_resume(args, stored, start, ckpts[-1])
         refresh_sampler(sampler, model)
+    elif args.resume and rank == 0:
+        print(f"--resume: no checkpoint in {args.out} yet; starting at step 0")
+    if rank == 0:
+        cut_log(os.path.join(args.out, "log.jsonl"), start if start else -1)
+        with open(os.path.join(args.out, "config.json.tmp"), "w") as f:  # every effective argument of this run
+            json.dump(vars(args), f, indent=1)
+        os.replace(os.path.join(args.out, "config.json.tmp"), os.path.join(args.out, "config.json"))
     if rank == 0:
         print(f"{args.algo}: {n_trainable / 1e6:.1f}M trainable parameters, {world} rank(s), {args.dtype}, "
               f"{len(tasks)} tasks ({report.get('excluded', 0)} candidates excluded as GenEval prompts), "

@@ -1,6 +1,7 @@
 """train.py end to end on a tiny model: torchrun with 2 processes (gloo) equals one process on the same global
 batch, for both algorithms; an interrupted and resumed run equals an uninterrupted one; a NaN loss stops cleanly."""
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -73,3 +74,74 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
     with pytest.raises(RuntimeError, match="non-finite loss"):
         train.main(common(out, "sft", steps=3) + ["--resume"])
     assert_same_weights(final_weights(out), good, atol=0.0)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# the run folder: never mixed, resumed only as the same run, logged once per step, never saved poisoned
+
+
+def test_a_used_out_is_refused_unless_resume_or_overwrite(tmp_path):
+    out = tmp_path / "run"
+    train.main(common(out, "sft", steps=2))
+    with pytest.raises(SystemExit, match="already holds a run"):
+        train.main(common(out, "sft", steps=1))
+    train.main(common(out, "sft", steps=1) + ["--overwrite"])
+    assert [os.path.basename(p) for p in sorted(glob.glob(os.path.join(out, "step_*")))] == ["step_0000001"]
+    assert len(open(out / "log.jsonl").read().splitlines()) == 1
+
+
+def test_resume_refuses_another_run_and_cuts_the_log_back(tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(common(out, "sft", steps=3) + ["--save-every", "2"])  # checkpoints at steps 2 and 3
+    # a run killed after logging step 3 but before its checkpoint landed: the log is one step ahead
+    import shutil
+    shutil.rmtree(out / "step_0000003")
+    for bad in (["--seed", "1"], ["--algo", "grpo"]):
+        with pytest.raises(SystemExit, match="was made with"):
+            train.main(common(out, "sft", steps=3) + ["--save-every", "2", "--resume"] + bad)
+    with pytest.raises(SystemExit, match="nothing to train"):
+        train.main(common(out, "sft", steps=2) + ["--save-every", "2", "--resume"])
+    capsys.readouterr()
+    train.main(common(out, "sft", steps=3) + ["--save-every", "2", "--resume", "--lr", "2e-3"])
+    assert "lr 0.001 -> 0.002" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in open(out / "log.jsonl")]
+    assert steps == [1, 2, 3]
+
+
+def test_config_json_holds_every_effective_argument(tmp_path):
+    out = tmp_path / "run"
+    argv = [a for a in common(out, "grpo", steps=1) if a not in ("--beta", "0.1")]
+    train.main(argv)
+    cfg = json.load(open(out / "config.json"))
+    assert cfg["beta"] == 0.2 and cfg["group_size"] == 3 and cfg["dtype"] == "fp32"  # paper defaults, resolved
+
+
+def test_non_finite_weights_stop_the_run_before_they_are_saved(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train.main(common(out, "sft", steps=1))
+    good = final_weights(out)
+    real = torch.optim.AdamW.step
+
+    def poisoned(self, *a, **k):  # a real update (loading the optimizer state also steps once, on zero grads)
+        real_update = any(p.grad is not None and bool(p.grad.any()) for p in self.param_groups[0]["params"])
+        result = real(self, *a, **k)
+        if real_update:
+            self.param_groups[0]["params"][0].data.fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
+    with pytest.raises(RuntimeError, match="non-finite weights"):
+        train.main(common(out, "sft", steps=3) + ["--resume"])
+    assert len(glob.glob(os.path.join(out, "step_*[0-9]"))) == 1
+    assert_same_weights(final_weights(out), good, atol=0.0)
+
+
+@pytest.mark.parametrize("flag,value", [("--lr", "inf"), ("--lr", "0"), ("--keep", "-1"), ("--keep", "0"),
+                                        ("--grad-accum", "0"), ("--save-every", "0"), ("--tasks", "0"),
+                                        ("--prompts-per-rank", "0"), ("--temperature", "0"), ("--temperature", "nan"),
+                                        ("--max-answer-tokens", "0"), ("--minutes", "-1"), ("--cfg", "-1"),
+                                        ("--cond-dropout", "1.5"), ("--group-size", "1")])
+def test_numeric_flags_are_validated_naming_the_flag(flag, value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--model", JANUS[0], "--out", str(tmp_path), flag, value])
+    assert e.value.code == 2 and flag in capsys.readouterr().err
