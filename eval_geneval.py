@@ -69,7 +69,8 @@ def to_numpy(x):
 
 
 def box_iou_plus1(a, b):
-    """IoU with the "+1 pixel" areas (x2 - x1 + 1)(y2 - y1 + 1) the official code uses; only matters with NMS on."""
+    """IoU with the "+1 pixel" areas (x2 - x1 + 1)(y2 - y1 + 1) the official code uses; only matters with NMS on.
+    Computed in the dtype of the boxes given: keep_confident passes the float32 rows, as the official code does."""
     def area(x1, y1, x2, y2):
         return max(x2 - x1 + 1, 0) * max(y2 - y1 + 1, 0)
     inter = area(max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3]))
@@ -79,23 +80,27 @@ def box_iou_plus1(a, b):
 
 def keep_confident(detections, tag, opts=DEFAULT_OPTIONS):
     """Raw {class: [(box, score, mask)]} -> {class: [(box5, mask)]}, box5 = [x1, y1, x2, y2, score], most
-    confident first. Classes with nothing left are absent, so `exclude` can simply count."""
-    # Scores are compared in float32, as mmdet's float32 arrays are officially: a score of float32(0.3) is dropped.
+    confident first. Classes with nothing left are absent, so `exclude` can simply count.
+
+    The official expressions on mmdet's float32 rows, so that any numpy orders and rounds the same way:
+    np.argsort(scores)[::-1] (NaN sorts last, so comes first reversed, then fails the threshold; ties among more
+    than 16 detections keep argsort's order), the strict float32 threshold (a score of float32(0.3) is dropped),
+    the first max_objects, and greedy NMS with the IoU of the float32 rows."""
     threshold = np.float32(opts["counting_threshold"] if tag == "counting" else opts["threshold"])
     kept = {}
     for classname, objects in detections.items():
-        objects = [([float(v) for v in to_numpy(box).reshape(-1)[:4]] + [float(score)], mask)
-                   for box, score, mask in objects]
-        # descending as argsort(...)[::-1]: equal scores come out in reverse detector order, like the official sort
-        objects = objects[::-1]
-        objects.sort(key=lambda obj: -obj[0][4])
-        objects = [obj for obj in objects if np.float32(obj[0][4]) > threshold][: opts["max_objects"]]  # then top-16
+        if not objects:
+            continue
+        rows = np.array([[*to_numpy(box).reshape(-1)[:4], score] for box, score, _ in objects], dtype=np.float32)
+        order = np.argsort(rows[:, 4])[::-1]
+        order = order[rows[order, 4] > threshold][: opts["max_objects"]].tolist()
         chosen = []
-        while objects:  # greedy NMS over what survived; a no-op at max_overlap 1.0
-            best = objects.pop(0)
-            chosen.append(best)
+        while order:  # greedy NMS over what survived; a no-op at max_overlap 1.0
+            best = order.pop(0)
+            box, score, mask = objects[best]  # box5 keeps the detector's values; rows only decide
+            chosen.append(([float(v) for v in to_numpy(box).reshape(-1)[:4]] + [float(score)], mask))
             if opts["max_overlap"] < 1:
-                objects = [obj for obj in objects if box_iou_plus1(best[0], obj[0]) < opts["max_overlap"]]
+                order = [i for i in order if box_iou_plus1(rows[best], rows[i]) < opts["max_overlap"]]
         if chosen:
             kept[classname] = chosen
     return kept

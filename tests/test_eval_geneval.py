@@ -79,6 +79,35 @@ def test_nms_uses_plus_one_iou_and_is_off_by_default():
     assert [box5 for box5, _ in ge.keep_confident(two, "single_object", nms)["cup"]] == [[0, 0, 9, 9, 0.9]]
 
 
+def official_order(scores, threshold=0.3, max_objects=16):
+    """evaluate_images.py's expressions on its float32 rows."""
+    scores = np.asarray(scores, dtype=np.float32)
+    order = np.argsort(scores)[::-1]
+    return order[scores[order] > np.float32(threshold)][:max_objects].tolist()
+
+
+def test_nan_scores_and_ties_sort_as_the_official_argsort():
+    """A NaN score is dropped, not a reason to misorder the rest; with more than 16 detections, tied scores come
+    out in np.argsort(scores)[::-1]'s order (not a stable sort's)."""
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n = int(rng.integers(1, 40))
+        scores = rng.choice([0.2, 0.5, 0.7, 0.9, float("nan")], size=n).tolist()
+        raw = {"cup": [([i, 0, i + 5, 5], s, None) for i, s in enumerate(scores)]}
+        got = [int(box5[0]) for box5, _ in ge.keep_confident(raw, "single_object").get("cup", [])]
+        assert got == official_order(scores), (scores, got)
+
+
+def test_nms_iou_is_computed_on_the_float32_rows():
+    """Non-integer boxes whose IoU lies between its float64 and float32 values of the threshold: the official code
+    (float32 rows) keeps the second box, a float64 IoU suppresses it."""
+    a = [2.702, 14.43, 13.209, 20.634999999999998]
+    b = [9.717, 17.79, 28.398000000000003, 24.945999999999998]
+    opts = {**ge.DEFAULT_OPTIONS, "max_overlap": 0.0763714388012886}
+    kept = ge.keep_confident({"cup": [(a, 0.9, None), (b, 0.8, None)]}, "single_object", opts)["cup"]
+    assert len(kept) == 2
+
+
 # ------------------------------------------------------------------------------------------------------ position
 
 B = [0, 0, 100, 100]  # the target: centre (50, 50), 100 x 100, so the margin is 0.1 * (100 + 100) = 20 per axis
