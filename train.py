@@ -581,11 +581,14 @@ def main(argv=None):
         before = after = dict(step=0, **evaluate())
         log.write(json.dumps(before) + "\n")
     t_start = time.time()
-    bar = tqdm(range(start, args.steps), disable=rank != 0, initial=start, total=args.steps, desc=args.algo)
+    # a run bounded by --minutes counts seconds (its ETA is then true); otherwise steps
+    timed = bool(args.minutes)
+    bar = tqdm(total=round(60 * args.minutes) if timed else args.steps, initial=0 if timed else start,
+               unit="s" if timed else "step", disable=rank != 0, desc=args.algo)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     trajectory = hasattr(model, "showo") and args.algo == "grpo" and args.showo_logp == "trajectory"
     roles_cfg = None if hasattr(model, "showo") else model.cfg
-    for step in bar:
+    for step in range(start, args.steps):
         # every random draw of a step is a function of (seed, step, rank): a resumed run repeats it exactly
         torch.manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
         for group in optimizer.param_groups:
@@ -615,12 +618,16 @@ def main(argv=None):
         if rank == 0:
             log.write(json.dumps(entry) + "\n")
             log.flush()
-            bar.set_postfix(reward=f"{entry.get('reward', 0):.3f}", loss=f"{entry.get('loss_img', entry.get('loss_t2i', 0)):.3f}")
+            kl = entry.get("img_kl", entry.get("ans_kl"))
+            bar.set_postfix(step=step + 1, reward=f"{entry.get('reward', 0):.3f}",
+                            **({} if kl is None else dict(kl=f"{kl:.4f}")))
+            bar.update(min(round(time.time() - t_start), bar.total) - bar.n if timed else 1)
         if (step + 1) % args.save_every == 0 or last:
             ckpts.append(save_checkpoint(args, step + 1, objective if args.fsdp else model, optimizer, rank,
                                          args.model, roles_cfg))
         if last:
             break
+    bar.close()
     if rank == 0 and before:
         print_before_after(before, after)
     if dist.is_initialized():
