@@ -56,7 +56,7 @@ from PIL import Image
 
 import eval_geneval
 import reward
-from model import JANUS_SPECIALS, PaletteTokenizer, to_uint8
+from model import JANUS_SPECIALS, JanusConfig, PaletteTokenizer, to_uint8, write_janus_roles
 
 # -----------------------------------------------------------------------------------------------------------
 # The world: palette, shapes, slots
@@ -458,14 +458,13 @@ def write_checkpoint_files(out):
     json.dump({"image_size": GRID * VIT_SCALE, "min_size": 1, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
                "do_normalize": True, "background_color": list(BACKGROUND_RGB)},
               open(os.path.join(out, "preprocessor_config.json"), "w"), indent=1)
-    json.dump({"user_role": "<|User|>", "assistant_role": "<|Assistant|>"},  # model.janus_roles reads these
-              open(os.path.join(out, "janus_roles.json"), "w"))
+    write_janus_roles(out, JanusConfig())  # Janus-Pro's roles, the config's default
 
 
 def fresh_model(out, seed):
     """A randomly initialised tiny Janus (PyTorch's default init) for the files in `out`, and its processor.
     (GPT-2's N(0, 0.02) everywhere was tried: the 3-input patch convolution then learnt colours far slower.)"""
-    from model import Janus, JanusConfig, JanusProcessor
+    from model import Janus, JanusProcessor
     torch.manual_seed(seed)
     cfg = JanusConfig.from_json(json.load(open(os.path.join(out, "config.json"))))
     return Janus(cfg), JanusProcessor(out, cfg)

@@ -571,7 +571,6 @@ def main(argv=None):
         with open(os.path.join(args.out, "config.json.tmp"), "w") as f:  # every effective argument of this run
             json.dump(vars(args), f, indent=1)
         os.replace(os.path.join(args.out, "config.json.tmp"), os.path.join(args.out, "config.json"))
-    if rank == 0:
         print(f"{args.algo}: {n_trainable / 1e6:.1f}M trainable parameters, {world} rank(s), {args.dtype}, "
               f"{len(tasks)} tasks ({report.get('excluded', 0)} candidates excluded as GenEval prompts), "
               f"steps {start}..{args.steps}")
@@ -607,8 +606,7 @@ def main(argv=None):
                      tokens_per_s=sum(b["tokens"].numel() for b in batches) / max(t_sample, 1e-9))
         entry.update(gather_means(stats, tags, rewards_all))
         # a collective's tensor lives on the training device (NCCL accepts nothing else)
-        out_of_time = torch.tensor(float(bool(args.minutes) and time.time() - t_start > 60 * args.minutes),
-                                   device=device)
+        out_of_time = torch.tensor(float(timed and time.time() - t_start > 60 * args.minutes), device=device)
         if dist.is_initialized():  # rank 0's clock decides for everyone
             dist.broadcast(out_of_time, 0)
         last = step + 1 == args.steps or bool(out_of_time) or (args.stop_after and step + 1 - start >= args.stop_after)
