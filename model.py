@@ -128,9 +128,6 @@ VQ_PRESETS = {
     "VQ-16": dict(codebook_size=16384, codebook_embed_dim=8, codebook_l2_norm=True, codebook_show_usage=True,
                   z_channels=256, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, dropout_p=0.0,
                   image_size=384, patch_size=16),
-    # not a real Janus tokenizer: the toy world's (toy.py) fixed palette, one code = one cell's colour
-    "palette": dict(codebook_size=0, codebook_embed_dim=0, codebook_l2_norm=False, codebook_show_usage=False,
-                    z_channels=0, ch=0, ch_mult=(), num_res_blocks=0, dropout_p=0.0, image_size=8, patch_size=1),
 }
 
 
@@ -165,7 +162,9 @@ class JanusConfig:
     vq_num_res_blocks: int = 2
     gen_image_size: int = 384
     gen_patch_size: int = 16
-    palette: tuple = ()  # RGB rows: the image tokenizer is this fixed palette instead of VQ-16 (toy world only)
+    # "VQ-16", or "module:Class" for another image tokenizer (see image_tokenizer), built from gen_vision_params
+    gen_vision_cls: str = "VQ-16"
+    gen_vision_params: dict = field(default_factory=dict)
     # generation heads
     gen_vocab_size: int = 16384  # rows of gen_embed / outputs of gen_head
     gen_embed_dim: int = 8
@@ -207,9 +206,17 @@ class JanusConfig:
         if vis.get("model_name", "siglip_large_patch16_384") not in SIGLIP_PRESETS:
             raise ValueError(f"unknown vision model_name {vis.get('model_name')!r}; known: {list(SIGLIP_PRESETS)}")
         siglip = {**SIGLIP_PRESETS[vis.get("model_name", "siglip_large_patch16_384")], **vis}
-        if gen_vis.get("cls", "VQ-16") not in VQ_PRESETS:
-            raise ValueError(f"unknown gen_vision cls {gen_vis.get('cls')!r}; known: {list(VQ_PRESETS)}")
-        vq = {**VQ_PRESETS[gen_vis.get("cls", "VQ-16")], **gen_vis.get("params", {})}
+        gen_cls = gen_vis.get("cls", "VQ-16")
+        if ":" in gen_cls:  # a named image tokenizer: it needs only its sizes here, and takes its own params
+            missing = [k for k in ("image_size", "patch_size", "image_token_size", "n_embed")
+                       if k not in gen_vis.get("params", {})]
+            if missing:
+                raise ValueError(f"config.json: gen_vision_config {gen_cls!r} needs params {missing}")
+            vq = {**VQ_PRESETS["VQ-16"], **gen_vis["params"]}
+        elif gen_cls not in VQ_PRESETS:
+            raise ValueError(f"unknown gen_vision cls {gen_cls!r}; known: {list(VQ_PRESETS)} or 'module:Class'")
+        else:
+            vq = {**VQ_PRESETS[gen_cls], **gen_vis.get("params", {})}
         select_layer = vis.get("select_layer", -1)
         c = cls()
         for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -227,10 +234,8 @@ class JanusConfig:
             vq_num_res_blocks=vq["num_res_blocks"], gen_image_size=vq["image_size"], gen_patch_size=vq["patch_size"],
             gen_vocab_size=vq.get("image_token_size", vq["codebook_size"]), gen_embed_dim=vq.get("n_embed", 8),
             gen_aligner_depth=gen_aligner.get("depth", 2),
-            palette=tuple(tuple(rgb) for rgb in vq.get("palette", ())),
+            gen_vision_cls=gen_cls, gen_vision_params=dict(gen_vis.get("params", {})) if ":" in gen_cls else {},
         )
-        if gen_vis.get("cls") == "palette" and not c.palette:
-            raise ValueError("config.json: a 'palette' gen_vision_config needs params.palette (RGB rows)")
         # the aligners and gen_head are sized by their own params; they must agree with the LLM and the ViT
         for name, got, want in (("aligner_config.n_embed", aligner.get("n_embed"), c.hidden_size),
                                 ("aligner_config.input_dim", aligner.get("input_dim"), c.vit_width),
@@ -744,29 +749,26 @@ class VQModel(nn.Module):
         return codes.view(z.shape[0], -1), z_q.permute(0, 3, 1, 2)
 
 
-class PaletteTokenizer(nn.Module):
-    """The toy world's image tokenizer: code k = palette colour k, one code per patch x patch cell. No weights.
+def import_named(spec):
+    """"module:attr" -> that attribute, imported by name (a module beside this file, or installed). Nothing from a
+    checkpoint folder is executed: a config can only name code that this Python already has."""
+    import importlib
+    module_name, sep, attr = spec.partition(":")
+    if not (sep and module_name and attr):
+        raise ValueError(f"{spec!r}: expected module:name")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot load {spec!r}: {e}") from e
 
-    decode: codes [B, g*g] -> pixels [B, 3, g*p, g*p] in [-1, 1];  encode: nearest palette colour of each cell.
-    """
 
-    def __init__(self, palette, patch):
-        super().__init__()
-        self.palette, self.patch = palette, patch
-
-    def decode_code(self, codes):
-        B, T = codes.shape
-        g = math.isqrt(T)
-        rgb = torch.tensor(self.palette, dtype=torch.float32, device=codes.device)
-        # +0.5 centres each value in its uint8 bin, so to_uint8's truncation returns the palette colour exactly
-        x = ((rgb[codes] + 0.5) / 127.5 - 1).view(B, g, g, 3).permute(0, 3, 1, 2)
-        return x.repeat_interleave(self.patch, 2).repeat_interleave(self.patch, 3)
-
-    def encode(self, pixels):
-        cells = F.avg_pool2d(pixels.float(), self.patch)  # [B, 3, g, g]
-        rgb = torch.tensor(self.palette, dtype=torch.float32, device=pixels.device) / 127.5 - 1
-        dist = (cells.permute(0, 2, 3, 1)[..., None, :] - rgb).pow(2).sum(-1)  # [B, g, g, K]
-        return dist.argmin(-1).flatten(1), None
+def image_tokenizer(cfg):
+    """The generation-side image tokenizer: VQ-16, or the class a config names as "module:Class" (built as
+    Class(**gen_vision_params); it provides decode_code(codes [B, T]) -> pixels [B, 3, S, S] in [-1, 1] and no
+    trained weights). The toy world's fixed colour palette is one (toy.py)."""
+    if ":" not in cfg.gen_vision_cls:
+        return VQModel(cfg)
+    return import_named(cfg.gen_vision_cls)(**cfg.gen_vision_params)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -785,7 +787,7 @@ class Janus(nn.Module):
         self.vision_model = nn.Module()
         self.vision_model.vision_tower = SigLIPViT(cfg)
         self.aligner = MlpProjector(cfg.vit_width, H, cfg.aligner_depth)
-        self.gen_vision_model = PaletteTokenizer(cfg.palette, cfg.gen_patch_size) if cfg.palette else VQModel(cfg)
+        self.gen_vision_model = image_tokenizer(cfg)
         self.gen_aligner = MlpProjector(cfg.gen_embed_dim, H, cfg.gen_aligner_depth)
         self.gen_head = GenHead(H, cfg.gen_vocab_size)
         self.gen_embed = nn.Embedding(cfg.gen_vocab_size, cfg.gen_embed_dim)
@@ -818,6 +820,19 @@ class Janus(nn.Module):
 
     def image_logits(self, hidden):
         return self.gen_head(hidden)
+
+    @property
+    def blocks(self):
+        """The transformer blocks (FSDP shards each one, activation checkpointing wraps each one)."""
+        return self.language_model.model.layers
+
+    @property
+    def checkpointing(self):
+        return self.language_model.model.checkpointing
+
+    @checkpointing.setter
+    def checkpointing(self, on):  # the decoder's forward reads it
+        self.language_model.model.checkpointing = on
 
     @classmethod
     def from_pretrained(cls, ckpt_dir, device=None, dtype=None, roles=None):
@@ -962,6 +977,10 @@ class JanusProcessor:
         self.mean = pre.get("image_mean", (0.5, 0.5, 0.5)) if pre.get("do_normalize", True) else None
         self.std = pre.get("image_std", (0.5, 0.5, 0.5))
 
+    def write_files(self, out):
+        """What a checkpoint folder needs beyond its weights and the source's json files: the chat roles."""
+        write_janus_roles(out, self.cfg)
+
     def encode(self, text):
         """BOS + tokens; BOS added here exactly once (the tokenizer's post-processor is bypassed)."""
         return [self.ids["bos"]] + self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -1078,8 +1097,6 @@ WEIGHT_NAMES = ("model", "pytorch_model", "diffusion_pytorch_model")  # file ste
 SHOWO_SPECIALS = ("<|soi|>", "<|eoi|>", "<|sov|>", "<|eov|>", "<|t2i|>", "<|mmu|>", "<|t2v|>", "<|v2v|>", "<|lvg|>")
 IGNORE_ID = -100
 BLOCKED = float(torch.iinfo(torch.int64).min)  # the mask builders fill with int64-min (-9.22e18), not -inf
-SHOWO_SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. "
-                       "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 PHI_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
               "partial_rotary_factor", "rope_theta", "max_position_embeddings", "layer_norm_eps")
 
@@ -1284,6 +1301,11 @@ class ShowO(nn.Module):
         cols = slice(c.image_offset, c.image_offset + c.codebook_size)
         return F.linear(hidden, head.weight[cols], head.bias[cols]).float()
 
+    @property
+    def blocks(self):
+        """The transformer blocks (FSDP shards each one, activation checkpointing wraps each one)."""
+        return self.showo.model.layers
+
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None):
         """A Show-o folder: config.json + model/pytorch_model .safetensors/.bin (or a sharded index)."""
@@ -1398,37 +1420,6 @@ def mmu_prompt(tok, image_codes, question):
     return torch.cat([before.expand(B, -1), image_codes + tok.image_offset, after.expand(B, -1)], dim=1)
 
 
-def mmu_train_prompt(tok, image_codes, captions, max_seq_length):
-    """Captioning rows [<|mmu|>, <|soi|>] codes [<|eoi|>] [bos] caption [eos] [PAD..] (right-padded) and labels.
-
-    The caption block is max_seq_length long (the task token took the text block's extra slot); labels are -100
-    over the image prefix and on padding, so the loss (shifted) predicts bos .. eos.
-    """
-    rows, labels = [], []
-    for caption in captions:
-        block = _with_bos(tok, tok.encode(caption)) + [tok.eos_id]
-        if len(block) <= max_seq_length:
-            block = block + [tok.pad_id] * (max_seq_length - len(block))
-        else:
-            block = block[:max_seq_length - 1] + [tok.eos_id]
-        rows.append(block)
-        labels.append([IGNORE_ID if i == tok.pad_id else i for i in block])
-    (B, N), dev = image_codes.shape, image_codes.device
-    head = torch.tensor([tok.special_ids["<|mmu|>"], tok.special_ids["<|soi|>"]], device=dev).expand(B, -1)
-    eoi = torch.full((B, 1), tok.special_ids["<|eoi|>"], device=dev)
-    ids = torch.cat([head, image_codes + tok.image_offset, eoi, torch.tensor(rows, device=dev)], dim=1)
-    labels = torch.cat([torch.full((B, N + 3), IGNORE_ID, device=dev), torch.tensor(labels, device=dev)], dim=1)
-    return ids, labels
-
-
-def lm_prompt(tok, texts, seq_len):
-    """Language-modelling rows [bos] text [eos] right-padded to seq_len (over-long text is cut, without eos)."""
-    rows = [(_with_bos(tok, tok.encode(t)) + [tok.eos_id])[:seq_len] for t in texts]
-    ids = torch.tensor([r + [tok.pad_id] * (seq_len - len(r)) for r in rows])
-    labels = torch.tensor([r + [IGNORE_ID] * (seq_len - len(r)) for r in rows])
-    return ids, labels
-
-
 def _additive(allowed):
     """bool "may attend" -> additive float32 mask: 0 where allowed, int64-min elsewhere (bit-exact to official)."""
     return torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, BLOCKED)
@@ -1462,35 +1453,6 @@ def mmu_attention_mask(ids, eoi_id):
     allowed = torch.ones(L, L, dtype=torch.bool, device=ids.device).tril()
     allowed[:, :int((ids[0] == eoi_id).nonzero()[0, 0]) + 1] = True
     return _additive(allowed).expand(B, 1, L, L).clone()
-
-
-def mmu_vit_attention_mask(seq_len, system_prompt_len, num_features, whole_prefix=False):
-    """[1, 1, L, L] for [<|mmu|>] system [<|soi|>] CLIP features [<|eoi|>] question: causal, plus the feature columns
-    visible to all rows. whole_prefix=True is the pre-2024-09-19 variant (UniRL's copy): the whole prefix up to the
-    last feature is visible. Which one show-o-w-clip-vit was tuned with is not recorded."""
-    allowed = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
-    start = 0 if whole_prefix else 1 + system_prompt_len + 1
-    allowed[:, start:1 + system_prompt_len + 1 + num_features] = True
-    return _additive(allowed)[None, None]
-
-
-def mmu_vit_inputs(model, tok, clip_features, question, system_prompt=SHOWO_SYSTEM_PROMPT, whole_prefix=False):
-    """show-o-w-clip-vit understanding input: (embeddings [B, L, D], mask [B, 1, L, L]).
-
-    clip_features [B, F, clip_hidden_size] are precomputed CLIP ViT-L/14-336 features (penultimate layer, CLS
-    dropped); the tower itself is not part of this port. They go through mm_projector and are spliced in after
-    [<|mmu|>] system [<|soi|>].
-    """
-    sys_ids = tok.encode(system_prompt)
-    ids = ([tok.special_ids["<|mmu|>"]] + sys_ids + [tok.special_ids["<|soi|>"], tok.special_ids["<|eoi|>"]]
-           + tok.encode(("USER: " + question + " ASSISTANT:").strip()))
-    B = clip_features.shape[0]
-    emb = model.showo.model.embed_tokens(torch.tensor(ids, device=clip_features.device)).expand(B, -1, -1)
-    feats = model.mm_projector(clip_features.to(emb.dtype))  # [B, F, D]
-    split = 2 + len(sys_ids)
-    x = torch.cat([emb[:, :split], feats, emb[:, split:]], dim=1)
-    mask = mmu_vit_attention_mask(x.shape[1], len(sys_ids), feats.shape[1], whole_prefix)
-    return x, mask.expand(B, -1, -1, -1)
 
 
 # ===========================================================================================================
@@ -1668,8 +1630,19 @@ def showo_to_uint8(pixels):
 class ShowOProcessor:
     """Show-o's text side (ShowOTokenizer) and image side (MAGVIT-v2), plus the text budget of t2i prompts."""
 
-    def __init__(self, tok, vq, max_seq_length):
+    def __init__(self, tok, vq, max_seq_length, vq_config=None):
         self.tok, self.vq, self.max_seq_length = tok, vq, max_seq_length
+        self.vq_config = vq_config  # the MAGVIT-v2 config json it was loaded with (None: sizeless, defaults)
+
+    def write_files(self, out):
+        """What a checkpoint folder needs beyond its weights and the source's json files: MAGVIT-v2, as
+        magvit_config.json + magvit.safetensors, so that the folder loads on its own (also when it came from --vq)."""
+        from safetensors.torch import save_file
+        config = json.load(open(self.vq_config)) if self.vq_config else {}
+        with open(os.path.join(out, "magvit_config.json"), "w") as f:
+            json.dump(config, f, indent=1)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.vq.state_dict().items()},
+                  os.path.join(out, "magvit.safetensors"))
 
     @torch.no_grad()
     def decode_images(self, codes):
@@ -1697,13 +1670,16 @@ def load_showo(ckpt_dir, device=None, dtype=None, vq_dir=None, max_seq_length=No
     magvit.safetensors + magvit_config.json (the fixture layout); the real one is its own repo (showlab/magvitv2)."""
     model = ShowO.from_pretrained(ckpt_dir, device=device, dtype=dtype)
     if vq_dir is None and os.path.isfile(os.path.join(ckpt_dir, "magvit_config.json")):
-        vq = MagvitV2.from_pretrained(ckpt_dir, device=device, config_name="magvit_config.json", weight_names=("magvit",))
+        folder, config, names = ckpt_dir, "magvit_config.json", ("magvit",)
     elif vq_dir is not None:
-        vq = MagvitV2.from_pretrained(vq_dir, device=device)
+        folder, config, names = vq_dir, "config.json", WEIGHT_NAMES
     else:
         raise FileNotFoundError(f"{ckpt_dir} holds no MAGVIT-v2 (magvit_config.json + magvit.safetensors); "
                                 "pass the MAGVIT-v2 folder (showlab/magvitv2) as vq_dir / --vq")
-    return model, ShowOProcessor(ShowOTokenizer(ckpt_dir), vq.eval(), max_seq_length or model.config.max_seq_length)
+    vq = MagvitV2.from_pretrained(folder, device=device, config_name=config, weight_names=names)
+    config = os.path.join(folder, config)
+    return model, ShowOProcessor(ShowOTokenizer(ckpt_dir), vq.eval(), max_seq_length or model.config.max_seq_length,
+                                 config if os.path.isfile(config) else None)
 
 
 def load_model(ckpt_dir, device=None, dtype=None, vq_dir=None, roles=None):

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import generate
 import model
+import official
 import sft
 import understand
 from model import CheckpointError
@@ -288,10 +289,10 @@ def test_showo_prompts(folder):
     same("mmu.input_ids", model.mmu_prompt(tok, c["vq_encode.codes"][:1], meta["mmu_question"]), c["mmu.input_ids"])
 
     L = c["train.t2i_input_ids"].shape[1]
-    ids, labels = model.lm_prompt(tok, meta["lm_texts"], L)
+    ids, labels = official.lm_prompt(tok, meta["lm_texts"], L)
     same("train.lm_input_ids", ids, c["train.lm_input_ids"])
     same("train.lm_labels", labels, c["train.lm_labels"])
-    ids, labels = model.mmu_train_prompt(tok, c["train.mmu_image_codes"], meta["mmu_captions"], S)
+    ids, labels = official.mmu_train_prompt(tok, c["train.mmu_image_codes"], meta["mmu_captions"], S)
     same("train.mmu_input_ids", ids, c["train.mmu_input_ids"])
     same("train.mmu_labels", labels, c["train.mmu_labels"])
     for k in ("input_ids", "labels"):  # the training batch is [t2i; lm; mmu]
@@ -318,14 +319,14 @@ def test_showo_attention_masks(folder):
 
 def test_showo_mmu_vit_attention_mask_variants():
     """[mmu] sys*2 [soi] F*3 [eoi] q*2: feature columns 4..6 visible to all; whole_prefix opens 0..6."""
-    cur = model.mmu_vit_attention_mask(10, system_prompt_len=2, num_features=3) == 0
-    old = model.mmu_vit_attention_mask(10, system_prompt_len=2, num_features=3, whole_prefix=True) == 0
+    cur = official.mmu_vit_attention_mask(10, system_prompt_len=2, num_features=3) == 0
+    old = official.mmu_vit_attention_mask(10, system_prompt_len=2, num_features=3, whole_prefix=True) == 0
     causal = torch.ones(10, 10, dtype=torch.bool).tril()
     assert cur.shape == (1, 1, 10, 10)
     assert torch.equal(cur[0, 0, :, :4], causal[:, :4]) and cur[0, 0, :, 4:7].all()
     assert torch.equal(cur[0, 0, :, 7:], causal[:, 7:])
     assert old[0, 0, :, :7].all() and torch.equal(old[0, 0, :, 7:], causal[:, 7:])
-    assert set(model.mmu_vit_attention_mask(10, 2, 3).unique().tolist()) == {0.0, model.BLOCKED}
+    assert set(official.mmu_vit_attention_mask(10, 2, 3).unique().tolist()) == {0.0, model.BLOCKED}
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -368,7 +369,7 @@ def test_showo_training_masking_and_losses(folder):
     same("train.t2i_labels", t2i_labels, c["train.t2i_labels"])
 
     sizes = len(meta["t2i_train_texts"]), len(meta["lm_texts"]), len(meta["mmu_captions"])
-    logits, *losses = sft.showo_training_losses(f.model, c["train.input_ids"], c["train.attention_mask"],
+    logits, *losses = official.showo_training_losses(f.model, c["train.input_ids"], c["train.attention_mask"],
                                             c["train.labels"], *sizes)
     close("train.logits", logits, c["train.logits"])
     for name, loss in zip(("loss_t2i", "loss_lm", "loss_mmu"), losses):
@@ -704,7 +705,7 @@ def test_showo_clip_projector_path():
         encode = staticmethod(lambda text: [1, 2, 3] if text.startswith("A chat") else [4, 5])
 
     feats = torch.randn(2, 5, cfg.clip_hidden_size)
-    x, mask = model.mmu_vit_inputs(m, Tok, feats, "q?")
+    x, mask = official.mmu_vit_inputs(m, Tok, feats, "q?")
     assert x.shape == (2, 1 + 3 + 1 + 5 + 1 + 2, cfg.hidden_size) and mask.shape == (2, 1, 13, 13)
     same("projected features in place", x[:, 5:10], m.mm_projector(feats))
     same("text after the features", x[:, 10], m.showo.model.embed_tokens.weight[22].expand(2, -1))
