@@ -391,7 +391,7 @@ def generate_images(model_dir, metadata_path, outdir, n=4, batch=16, seed=0, cfg
     resumed or re-batched run writes the same images. The sampling recipe goes to OUT/config.json.
     """
     import torch
-    from generate import sample_images, save_images
+    from generate import sample, save_images
     from model import load_model
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     rows = [json.loads(line) for line in open(metadata_path) if line.strip()]
@@ -408,8 +408,8 @@ def generate_images(model_dir, metadata_path, outdir, n=4, batch=16, seed=0, cfg
     for i in tqdm(todo, desc="geneval prompts"):
         # each prompt has its own generator, so its images depend neither on the batching nor on what ran before
         g = torch.Generator(device).manual_seed(seed * 100003 + i)
-        chunks = [sample_images(model, processor, [rows[i]["prompt"]], min(batch, n - k), cfg_weight, temperature, g,
-                                steps=steps) for k in range(0, n, batch)]
+        chunks = [sample(model, processor, [rows[i]["prompt"]], min(batch, n - k), cfg_weight, temperature, g,
+                         steps=steps) for k in range(0, n, batch)]
         out = {key: torch.cat([c[key] for c in chunks]) for key in ("tokens", "images")}
         folder = os.path.join(outdir, f"{i:05d}")
         os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
@@ -438,31 +438,28 @@ def self_check_folder(model_dir, imagedir, qa_path, results_path=None, reference
     import torch
     import reward
     from model import load_model
-    from understand import self_check
+    from rollout import self_check
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     qa = reward.load_tasks(qa_path)
     model, processor = load_model(model_dir, device=device, vq_dir=vq_dir,
                                   dtype=torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-    showo = hasattr(model, "showo")
 
-    def image_tokens(path):
-        """Show-o judges image tokens: the saved codes of its own samples, else the PNG encoded by MAGVIT-v2."""
+    def saved_codes(path):
+        """The image tokens `generate` saved beside a sample (codes.npy), or None. Show-o judges these tokens of
+        its own samples (without them it encodes the PNG with MAGVIT-v2); Janus reads the pixels."""
         codes = os.path.join(os.path.dirname(os.path.dirname(path)), "codes.npy")
         k = int(re.match(r"\d+", os.path.basename(path))[0])
         if os.path.isfile(codes) and k < len(np.load(codes)):
             return torch.from_numpy(np.load(codes)[k:k + 1]).to(device)
-        return processor.encode_image(Image.open(path), model.config.num_vq_tokens)
+        return None
 
     def judge_folder(folder):
         verdicts = {}
         for path, meta in tqdm(find_samples(folder), desc=f"selfcheck {os.path.basename(folder)}"):
             index = int(os.path.basename(os.path.dirname(os.path.dirname(path))))
             task = qa[index]
-            if showo:
-                out = self_check(model, processor, None, [task], max_new_tokens, tokens=image_tokens(path))
-            else:
-                out = self_check(model, processor, [np.asarray(Image.open(path).convert("RGB"))], [task],
-                                 max_new_tokens)
+            out = self_check(model, processor, [task], [Image.open(path).convert("RGB")], saved_codes(path),
+                             max_new_tokens)
             verdicts[os.path.relpath(path, folder)] = dict(index=index, tag=task["tag"], answer=out["answers"][0],
                                                            correct=bool(out["correct"][0]))
         return verdicts
@@ -504,13 +501,7 @@ def _per_tag(pairs):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="GenEval scoring and summary (see the module docstring).")
-    commands = parser.add_subparsers(dest="command")  # no command: score the shipped toy checkpoint
-    p = commands.add_parser("toy", help="toy-GenEval of a toy-world checkpoint with the exact toy evaluator")
-    p.add_argument("--model", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy"))
-    p.add_argument("--tasks", type=int, default=240, help="held-out toy prompts (40 per tag on average)")
-    p.add_argument("--n", type=int, default=4, help="images per prompt")
-    p.add_argument("--cfg", type=float, default=2.0)
-    p.add_argument("--seed", type=int, default=0)
+    commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("generate", help="sample images into the official folder layout (resumable)")
     p.add_argument("--model", required=True, help="checkpoint folder")
     p.add_argument("--metadata", default=os.path.join(GENEVAL_DATA, "evaluation_metadata.jsonl"),
@@ -547,21 +538,7 @@ def main(argv=None):
     p.add_argument("--vq", help="Show-o only: the MAGVIT-v2 folder, if not inside --model")
 
     args = parser.parse_args(argv)
-    if args.command is None:
-        args = parser.parse_args(["toy"])
-    if args.command == "toy":
-        import toy
-        from model import load_janus
-        model, processor = load_janus(args.model)
-        tasks = toy.make_toy_tasks(args.tasks, 10_000 + args.seed)  # the seeds train.py holds out for evaluation
-        res = toy.toy_geneval(model, processor, tasks, args.n, args.cfg, args.seed, with_judge=True)
-        print(f"toy-GenEval of {args.model} ({res['n_images']} images, cfg {args.cfg}, exact evaluator)")
-        for tag, acc in res["per_tag"].items():
-            j = res["judge"][tag]
-            print(f"{tag:14s} {acc:.4f}   judge precision {j['precision']:.3f} recall {j['recall']:.3f}")
-        print(f"judge precision {res['judge']['all']['precision']:.3f} recall {res['judge']['all']['recall']:.3f}")
-        print(f"toy-GenEval overall: {res['overall']:.4f}")
-    elif args.command == "score":
+    if args.command == "score":
         opts = {key: getattr(args, key) for key in DEFAULT_OPTIONS}
         rows = score(args.imagedir, args.outfile, load_plugin(args.detector), load_plugin(args.colour_classifier),
                      opts)

@@ -382,17 +382,75 @@ def showo_generate(model, processor, prompts, n_per_prompt=1, guidance_scale=5.0
     return result
 
 
-def sample_images(model, processor, prompts, n_per_prompt=1, cfg_weight=None, temperature=1.0, generator=None,
-                  return_logprobs=False, decode=True, progress=False, steps=None, return_trajectory=False):
+def sample(model, processor, prompts, n_per_prompt=1, cfg_weight=None, temperature=1.0, generator=None,
+           return_logprobs=False, decode=True, progress=False, steps=None, return_trajectory=False):
     """Either family through one call: Janus (autoregressive + CFG) or Show-o (MaskGIT). cfg_weight None = the
-    family's default (Janus 5, Show-o 5); steps and return_trajectory: Show-o's MaskGIT only."""
-    if hasattr(model, "showo"):
+    family's default (Janus 5, Show-o 5); steps and return_trajectory: Show-o's MaskGIT only (Janus has none)."""
+    if hasattr(model, "showo"):  # the family seam of generate.py
         return showo_generate(model, processor, prompts, n_per_prompt, 5.0 if cfg_weight is None else cfg_weight,
                               steps or 50, temperature, generator, return_logprobs, decode, progress,
                               return_trajectory)
     return janus_generate(model, processor, prompts, n_per_prompt, 5.0 if cfg_weight is None else cfg_weight,
                           temperature, generator=generator, return_logprobs=return_logprobs, decode=decode,
                           progress=progress)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Show-o image log-probs for GRPO. A masked diffusion model has no exact likelihood: the one-pass masked-token
+# estimator, or a replay of the sampler's own steps (both [SPEC] choices, spec/method.md section 6.6).
+
+
+def showo_masks_from_uniforms(t, u):
+    """t [B], u [B, N] uniforms -> masks [B, N]: the round(N cos(pi t / 2)) >= 1 positions of smallest u."""
+    k = (u.shape[1] * torch.cos(t * math.pi / 2)).round().clamp(min=1)
+    return u.argsort(1) < k[:, None]
+
+
+def draw_showo_masks(n_groups, group_size, num_tokens, generator=None):
+    """Fresh masks: one ratio t ~ U(0, 1) per group (shared by its images), random positions per image."""
+    device = generator.device if generator is not None else "cpu"
+    t = torch.rand(n_groups, generator=generator, device=device)
+    u = torch.rand(n_groups * group_size, num_tokens, generator=generator, device=device)
+    return showo_masks_from_uniforms(t.repeat_interleave(group_size), u)
+
+
+def showo_masked_logprobs(model, processor, prompts, tokens, masks):
+    """log p(x_j | prompt, x with the masked positions hidden) at the masked positions j, over the codebook
+    columns (as the sampler), one conditional forward. -> (logp [B, N], masks [B, N])."""
+    from model import omni_attention_mask, t2i_prompt
+    cfg, tok = model.config, processor.tok
+    masks = masks.to(tokens.device)
+    image = torch.where(masks, cfg.mask_token_id, tokens + cfg.image_offset)
+    ids = t2i_prompt(tok, prompts, image, processor.max_seq_length)
+    mask = omni_attention_mask(ids, tok.pad_id, tok.special_ids["<|soi|>"], tok.special_ids["<|eoi|>"],
+                               rm_pad_in_image=True)
+    P = ids.shape[1] - cfg.num_vq_tokens - 2
+    logits = model.image_logits(model.hidden_states(ids, mask)[:, P + 1:P + 1 + cfg.num_vq_tokens])
+    return torch.log_softmax(logits, -1).gather(2, tokens[..., None])[..., 0] * masks, masks
+
+
+def showo_trajectory_logprobs(model, trajectory_ids, revealed, attention_mask, tokens, guidance_scale=5.0,
+                              steps=None):
+    """Replay recorded MaskGIT steps with grad: token j gets log p(x_j) under the guided codebook softmax of the
+    step that revealed it ((1 + g) cond - g uncond, untempered, as the sampler). A per-token ratio, where Mask-GRPO
+    keeps one per step. trajectory_ids: per step the input ids, rows [cond of all B; uncond of all B] (or cond
+    only); revealed: per step [B, N]; steps: replay only these step indices (their tokens alone are covered).
+    -> (logp [B, N], covered [B, N])."""
+    N = model.config.num_vq_tokens
+    B = tokens.shape[0]
+    logp = torch.zeros(tokens.shape, device=tokens.device)
+    covered = torch.zeros(tokens.shape, dtype=torch.bool, device=tokens.device)
+    for s, (ids, step_revealed) in enumerate(zip(trajectory_ids, revealed)):
+        if steps is not None and s not in steps:
+            continue
+        P = ids.shape[1] - N - 2
+        logits = model.image_logits(model.hidden_states(ids, attention_mask)[:, P + 1:P + 1 + N])
+        if ids.shape[0] == 2 * B:
+            logits = (1 + guidance_scale) * logits[:B] - guidance_scale * logits[B:]
+        step_lp = torch.log_softmax(logits, -1).gather(2, tokens[..., None])[..., 0]
+        logp = torch.where(step_revealed, step_lp, logp)
+        covered |= step_revealed
+    return logp * covered, covered
 
 
 def save_images(images, out_dir, grid_path=None):
@@ -434,8 +492,8 @@ def main():
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model, processor = load_model(args.model, device=args.device, dtype=dtype, vq_dir=args.vq)
     generator = torch.Generator(args.device).manual_seed(args.seed)
-    out = sample_images(model, processor, [args.prompt], args.n, args.cfg, args.temperature, generator,
-                        progress=True, steps=args.steps)
+    out = sample(model, processor, [args.prompt], args.n, args.cfg, args.temperature, generator, progress=True,
+                 steps=args.steps)
     paths = save_images(out["images"], args.out)
     print(f"wrote {len(paths)} images and grid.png to {args.out}")
 

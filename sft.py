@@ -1,5 +1,6 @@
 """
-SFT on self-generated data: the model draws, judges its own drawings, and learns from what it judged correct.
+SFT on self-generated data: the model draws, judges its own drawings (rollout.py), and learns from what it judged
+correct. This file holds the losses; sft_loss is its one entry for both families.
 
     L_T2I = -(1/N) sum_t log p(x_t | prompt, x_<t)           Janus: next-code NLL of the N image codes, under the
                                                               conditional row or the guided sampler (cfg_weight)
@@ -16,18 +17,16 @@ End-to-end: a straight-through Gumbel-softmax over the image-code logits z lets 
 Janus understands pixels, so y goes through the VQ decoder and SigLIP: pixels = Dec(y @ normalize(E)), clamped to
 [-1, 1] (our choice of route; the paper's is unpublished; cost: one VQ decode + ViT forward/backward per image on
 top of the MMU pass, and the generation replay forward). Show-o reads tokens, so y enters as y @ E[image codes].
-train.py runs it in one autograd graph (end_to_end_mmu_loss); janus_end_to_end_backward is the memory-light
+sft_loss runs it in one autograd graph (*_end_to_end_mmu_loss); janus_end_to_end_backward is the memory-light
 two-phase form (spec/method.md 5.3): (1) MMU backward to the one-hot leaf gives G = dL/dy, (2) the generation
 replay backward of sum <G, y_soft>, which is exactly the straight-through gradient (tests/test_sft.py).
 """
-import time
-
 import torch
 import torch.nn.functional as F
 
-from generate import cosine_schedule, janus_image_logits, janus_image_logprobs, sample_images
+from generate import cosine_schedule, janus_image_logits, janus_image_logprobs
 from model import IGNORE_ID, omni_attention_mask, t2i_prompt, t2i_train_prompt
-from understand import janus_answer_logprobs, janus_pixels, self_check, showo_answer_logprobs
+from understand import janus_answer_logprobs, janus_pixels, showo_answer_logprobs
 
 
 def janus_t2i_loss(model, processor, prompts, tokens, cond_dropout=0.0, generator=None, cfg_weight=None,
@@ -55,36 +54,6 @@ def mmu_loss(logprobs, mask):
     return -((logprobs * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
 
 
-@torch.no_grad()
-def rollout(model, processor, tasks, images_per_prompt, cfg_weight=None, temperature=1.0, generator=None,
-            max_answer_tokens=100, normalize=False, steps=None, trajectory=False, judge=None):
-    """UniRL's data: sample images for every task, let the model judge each one. Either family.
-
-    judge: the model that answers (default: the same model; a frozen copy keeps the reward from drifting).
-    Returns a flat batch of B = tasks x images_per_prompt: tasks, tokens [B, N], images uint8, sample_logprobs,
-    answers, answer_ids, rewards [B], correct [B], the losses' uniforms noise_drop [B], noise_t [B], noise_u [B, N]
-    (and Show-o's sampling trajectory if asked).
-    """
-    t0 = time.perf_counter()
-    out = sample_images(model, processor, [t["prompt"] for t in tasks], images_per_prompt, cfg_weight, temperature,
-                        generator, return_logprobs=True, steps=steps, return_trajectory=trajectory)
-    t1 = time.perf_counter()
-    flat = [t for t in tasks for _ in range(images_per_prompt)]
-    showo = hasattr(model, "showo")
-    check = self_check(judge or model, processor, None if showo else out["images"], flat, max_answer_tokens,
-                       normalize, tokens=out["tokens"] if showo else None)
-    extra = {k: out[k] for k in ("trajectory", "attention_mask") if k in out}
-    # the losses' random draws (SFT's CFG dropout, Show-o's masking), made here from this rollout's generator:
-    # they belong to the prompt group, so a run does not depend on how its groups are split over ranks
-    B, N = out["tokens"].shape
-    device = generator.device if generator is not None else out["tokens"].device
-    noise = dict(noise_drop=torch.rand(B, generator=generator, device=device),
-                 noise_t=torch.rand(B, generator=generator, device=device),
-                 noise_u=torch.rand(B, N, generator=generator, device=device))
-    return dict(tasks=flat, tokens=out["tokens"], images=out["images"], sample_logprobs=out["logprobs"], **check,
-                **extra, **noise, sample_s=t1 - t0, score_s=time.perf_counter() - t1)
-
-
 def showo_t2i_loss(model, processor, prompts, codes, cond_dropout=0.1, noise=None):
     """Show-o's masked-token loss as the official training corrupts its rows: one t ~ U(0, 1) per row, mask
     round(N cos(pi t / 2)) random image tokens, predict them (unshifted, full-vocabulary CE, <|soi|>/<|eoi|> as
@@ -109,55 +78,44 @@ def showo_t2i_loss(model, processor, prompts, codes, cond_dropout=0.1, noise=Non
     return ((ce * valid).sum(1) / valid.sum(1).clamp(min=1)).mean()
 
 
-def t2i_loss(model, processor, prompts, tokens, cond_dropout=0.0, generator=None, cfg_weight=None, noise=None):
-    """The family's T2I loss; cfg_weight (Janus only) fits the guided sampler, see janus_t2i_loss. noise: the
-    rollout's per-image uniforms for dropout (and Show-o's masking), so that the draw belongs to the image."""
-    if hasattr(model, "showo"):
-        return showo_t2i_loss(model, processor, prompts, tokens, cond_dropout, noise)
-    return janus_t2i_loss(model, processor, prompts, tokens, cond_dropout, generator, cfg_weight,
-                          None if noise is None else noise["drop"])
-
-
-def answer_logprobs(model, processor, batch, idx, answers, detach_image=True):
-    """Teacher-forced answer log-probs of rows idx of a rollout batch: Janus from pixels, Show-o from tokens."""
-    questions = [batch["tasks"][i]["question"] for i in idx]
-    if hasattr(model, "showo"):
-        return showo_answer_logprobs(model, processor, batch["tokens"][idx].to(model.showo.lm_head.weight.device),
-                                     questions, answers)
-    pixels = janus_pixels(processor, batch["images"][idx]).to(model.gen_embed.weight.device)
-    return janus_answer_logprobs(model, processor, pixels, questions, answers, detach_image)
-
-
-def sft_loss(model, processor, batch, lambda_t2i=1.0, lambda_mmu=1.0, mmu_filter="all", cond_dropout=0.0,
+def sft_loss(model, processor, ro, lambda_t2i=1.0, lambda_mmu=1.0, mmu_filter="all", cond_dropout=0.0,
              generator=None, end_to_end=False, tau=1.0, t2i_cfg_weight=None):
-    """Non-end-to-end SFT loss on a rollout batch. Returns (loss, stats).
+    """The SFT loss of a rollout (rollout.Rollout), either family. Returns (loss, stats).
 
     Each term is its mean over the kept images scaled by kept / B, i.e. a mean over ALL B images in which the
     rejected ones weigh zero (filtered behaviour cloning). The loss then depends on the batch as a whole, so
     DDP's gradient average over ranks equals one process on the concatenated batch. Both forwards always run
     (over every image, weighted 0, when none was kept), so all ranks run the same modules, as FSDP requires.
+    The random draws (dropout, Show-o's masking) are the rollout's own uniforms, so they belong to the image.
     end_to_end: the MMU term reads the image as straight-through one-hots, so it also trains generation.
-    t2i_cfg_weight: Janus T2I term on the guided distribution that sampled the images (see janus_t2i_loss).
+    t2i_cfg_weight (Janus): the T2I term on the guided distribution that sampled the images (janus_t2i_loss).
     """
-    B = len(batch["correct"])
-    keep = {"t2i": batch["correct"],
-            "mmu": batch["correct"] if mmu_filter == "verified" else torch.ones_like(batch["correct"])}
+    showo = hasattr(model, "showo")  # the family seam of sft.py
+    if showo and t2i_cfg_weight is not None:
+        raise ValueError("t2i_cfg_weight is Janus' guided-sampler NLL; Show-o trains its masked-token loss")
+    B = len(ro.correct)
+    keep = {"t2i": ro.correct, "mmu": ro.correct if mmu_filter == "verified" else torch.ones_like(ro.correct)}
     device = next(model.parameters()).device
     loss, stats = torch.zeros((), device=device), dict(kept=int(keep["t2i"].sum()) / B)
     for term, weight in (("t2i", lambda_t2i), ("mmu", lambda_mmu)):
         rows = keep[term].nonzero()[:, 0].tolist() or list(range(B))
         share = int(keep[term].sum()) / B
-        if term == "t2i":
-            noise = {k: batch[f"noise_{k}"][rows] for k in ("drop", "t", "u")} if "noise_u" in batch else None
-            value = t2i_loss(model, processor, [batch["tasks"][i]["prompt"] for i in rows],
-                             batch["tokens"][rows].to(device), cond_dropout, generator, t2i_cfg_weight, noise)
+        prompts, tokens = [ro.tasks[i]["prompt"] for i in rows], ro.tokens[rows].to(device)
+        questions, answers = [ro.tasks[i]["question"] for i in rows], [ro.tasks[i]["answer"] for i in rows]
+        if term == "t2i" and showo:
+            value = showo_t2i_loss(model, processor, prompts, tokens, cond_dropout,
+                                   dict(drop=ro.noise_drop[rows], t=ro.noise_t[rows], u=ro.noise_u[rows]))
+        elif term == "t2i":
+            value = janus_t2i_loss(model, processor, prompts, tokens, cond_dropout, generator, t2i_cfg_weight,
+                                   ro.noise_drop[rows])
         elif end_to_end:
-            value = end_to_end_mmu_loss(model, processor, [batch["tasks"][i]["prompt"] for i in rows],
-                                        batch["tokens"][rows].to(device), [batch["tasks"][i]["question"] for i in rows],
-                                        [batch["tasks"][i]["answer"] for i in rows], tau)
+            value = (showo_end_to_end_mmu_loss if showo else janus_end_to_end_mmu_loss)(
+                model, processor, prompts, tokens, questions, answers, tau)
+        elif showo:
+            value = mmu_loss(*showo_answer_logprobs(model, processor, tokens, questions, answers))
         else:
-            value = mmu_loss(*answer_logprobs(model, processor, batch, rows,
-                                              [batch["tasks"][i]["answer"] for i in rows]))
+            pixels = janus_pixels(processor, ro.images[rows]).to(device)
+            value = mmu_loss(*janus_answer_logprobs(model, processor, pixels, questions, answers))
         loss = loss + weight * share * value
         if share:
             stats[f"loss_{term}"] = value.item()
@@ -195,28 +153,29 @@ def janus_pixels_from_onehot(model, y):
     return pixels
 
 
-def end_to_end_mmu_loss(model, processor, prompts, tokens, questions, answers, tau=1.0, noise=None):
-    """L_MMU with the image as straight-through one-hots of the generation logits z, in one autograd graph.
-
-    Janus: z are the teacher-forced conditional logits of the sampled codes (exact for the sampler's prefixes),
-    and the one-hots go through the VQ decoder and SigLIP. Show-o: z come from one conditional forward on the
-    prompt with a fully masked image (method.md's `one_pass` proxy: cheap, biased), and the one-hots enter as
-    onehot @ E[image codes]. noise: the rollout's Gumbel noise if recorded, else 0 (y_hard = the sampled codes).
-    """
-    if hasattr(model, "showo"):
-        cfg, tok = model.config, processor.tok
-        masked = torch.full_like(tokens, cfg.mask_token_id)
-        ids = t2i_prompt(tok, prompts, masked, processor.max_seq_length)
-        mask = omni_attention_mask(ids, tok.pad_id, tok.special_ids["<|soi|>"], tok.special_ids["<|eoi|>"],
-                                   rm_pad_in_image=True)
-        P = ids.shape[1] - cfg.num_vq_tokens - 2
-        z = model.image_logits(model.hidden_states(ids, mask)[:, P + 1:P + 1 + cfg.num_vq_tokens])
-        y = straight_through(z, tokens, tau, noise)
-        return mmu_loss(*showo_answer_logprobs(model, processor, tokens, questions, answers, image_onehot=y))
+def janus_end_to_end_mmu_loss(model, processor, prompts, tokens, questions, answers, tau=1.0, noise=None):
+    """L_MMU with the image as straight-through one-hots of the generation logits z, in one autograd graph:
+    z are the teacher-forced conditional logits of the sampled codes (exact for the sampler's prefixes), and the
+    one-hots go through the VQ decoder and SigLIP. noise: the rollout's Gumbel noise if recorded, else 0
+    (y_hard = the sampled codes)."""
     z = janus_image_logits(model, processor, prompts, tokens, mode="cond")
     y = straight_through(z, tokens, tau, noise)
     return mmu_loss(*janus_answer_logprobs(model, processor, janus_pixels_from_onehot(model, y), questions, answers,
                                            detach_image=False))
+
+
+def showo_end_to_end_mmu_loss(model, processor, prompts, tokens, questions, answers, tau=1.0, noise=None):
+    """As janus_end_to_end_mmu_loss for Show-o: z come from one conditional forward on the prompt with a fully
+    masked image (method.md's `one_pass` proxy: cheap, biased), and the one-hots enter as onehot @ E[image codes]."""
+    cfg, tok = model.config, processor.tok
+    masked = torch.full_like(tokens, cfg.mask_token_id)
+    ids = t2i_prompt(tok, prompts, masked, processor.max_seq_length)
+    mask = omni_attention_mask(ids, tok.pad_id, tok.special_ids["<|soi|>"], tok.special_ids["<|eoi|>"],
+                               rm_pad_in_image=True)
+    P = ids.shape[1] - cfg.num_vq_tokens - 2
+    z = model.image_logits(model.hidden_states(ids, mask)[:, P + 1:P + 1 + cfg.num_vq_tokens])
+    y = straight_through(z, tokens, tau, noise)
+    return mmu_loss(*showo_answer_logprobs(model, processor, tokens, questions, answers, image_onehot=y))
 
 
 def janus_end_to_end_backward(model, processor, prompts, tokens, questions, answers, tau=1.0, noise=None,
@@ -225,7 +184,7 @@ def janus_end_to_end_backward(model, processor, prompts, tokens, questions, answ
 
     Phase 1: y = onehot(x) as a leaf; MMU forward/backward gives the MMU parameter grads and G = dL/dy.
     Phase 2: replay the generation logits z with grad; backward of sum <G, softmax((z + g)/tau)>.
-    Equal to autograd through end_to_end_mmu_loss's single graph (tests/test_sft.py checks it) while holding only
+    Equal to autograd through janus_end_to_end_mmu_loss's single graph (tests/test_sft.py checks it) while holding only
     one model's activations at a time: the memory-light way for full-size Janus.
     """
     K = model.cfg.gen_vocab_size
@@ -258,24 +217,3 @@ def mask_image_tokens(image_ids, mask_token_id, schedule=cosine_schedule, min_ma
     u = torch.rand(B, N, device=image_ids.device) if u is None else u
     masked = u.argsort(dim=-1) < num_masked[:, None]
     return (torch.where(masked, mask_token_id, image_ids), torch.where(masked, image_ids, IGNORE_ID), mask_prob)
-
-
-def showo_training_losses(model, input_ids, attention_mask, labels, batch_size_t2i, batch_size_lm, batch_size_mmu):
-    """One forward over [t2i rows; lm rows; mmu rows] -> (logits, loss_t2i, loss_lm, loss_mmu) as Showo.forward.
-
-    loss_t2i: unshifted CE over positions P.. (P = L - N - 2, the text block), full-vocabulary softmax; targets are
-              the masked image tokens plus <|soi|>/<|eoi|> as their own labels.
-    loss_lm, loss_mmu: next-token CE over their rows. Each is a mean over the non-ignored tokens of its sub-batch.
-    Train.py's total is 1.0 * t2i + 0.1 * lm + 1.0 * mmu.
-    """
-    logits = model(input_ids, attention_mask=attention_mask)  # [B, L, V]
-    V, P = logits.shape[-1], input_ids.shape[1] - model.config.num_vq_tokens - 2
-
-    def ce(lg, lb):  # an empty sub-batch gives 0 (the official slice [-0:] would silently take the whole batch)
-        return F.cross_entropy(lg.reshape(-1, V), lb.reshape(-1), ignore_index=IGNORE_ID) if lg.numel() else lg.sum()
-
-    b1, b2, b3 = batch_size_t2i, batch_size_lm, batch_size_mmu
-    loss_t2i = ce(logits[:b1, P:], labels[:b1, P:])
-    loss_lm = ce(logits[b1:b1 + b2, :-1], labels[b1:b1 + b2, 1:])
-    loss_mmu = ce(logits[b1 + b2:b1 + b2 + b3, :-1], labels[b1 + b2:b1 + b2 + b3, 1:])
-    return logits, loss_t2i, loss_lm, loss_mmu

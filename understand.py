@@ -1,5 +1,7 @@
 """
-Visual question answering: the model checks its own images.
+Visual question answering: the model answers a question about an image - in UniRL about its own drawings, whose
+answers rollout.py scores into rewards. answer() is the one entry for both families; the teacher-forced log-probs
+of given answers (janus_answer_logprobs, showo_answer_logprobs) are what the losses train.
 
 Janus reads pixels through SigLIP: the chat prompt's <image_placeholder> rows are overwritten by
 aligner(ViT(pixels)), then the LLM decodes an answer token by token with a KV cache,
@@ -18,7 +20,6 @@ import os
 import torch
 import torch.nn.functional as F
 
-import reward
 from model import MASK_MIN, attention_bias, janus_inputs_embeds, load_model, mmu_attention_mask, mmu_prompt, \
     reusable_cache
 
@@ -78,14 +79,16 @@ def answer_strings(processor, ids, eos_id):
 
 def janus_answer(model, processor, images, questions, max_new_tokens=100, temperature=0.0, generator=None,
                  return_logprobs=False):
-    """One question per image (PIL images or uint8 [H, W, 3] arrays). Returns dict(answers, ids[, logprobs])."""
+    """One question per image (PIL images or uint8 [H, W, 3] arrays). Returns dict(answers, ids: one id list per
+    answer, up to and including EOS when it was reached[, logprobs [B, n]])."""
     from PIL import Image
     images = [im if isinstance(im, Image.Image) else Image.fromarray(im.cpu().numpy() if torch.is_tensor(im) else im)
               for im in images]
     batch = processor.understanding_batch([processor.question_text(q) for q in questions], [[im] for im in images])
     eos = processor.ids["eos"]
     ids, logprobs = janus_generate_text(model, batch, eos, max_new_tokens, temperature, generator, return_logprobs)
-    out = dict(answers=answer_strings(processor, ids, eos), ids=ids)
+    cut = [row[:row.index(eos) + 1] if eos in row else row for row in ids.tolist()]
+    out = dict(answers=answer_strings(processor, ids, eos), ids=cut)
     if return_logprobs:
         out["logprobs"] = logprobs
     return out
@@ -130,30 +133,18 @@ def janus_answer_logprobs(model, processor, pixels, questions, answers, detach_i
 
 def answer(model, processor, questions, images=None, tokens=None, max_new_tokens=100, temperature=0.0,
            generator=None, return_logprobs=False):
-    """Either family: Janus reads images (uint8 [B, S, S, 3] or PIL), Show-o reads image tokens [B, N]."""
-    if hasattr(model, "showo"):
+    """Either family, one question per image. Janus reads the images (uint8 [B, S, S, 3] or PIL); Show-o reads
+    image tokens [B, N] (its own samples' codes), or encodes the images with MAGVIT-v2 when tokens is None.
+    Greedy unless temperature > 0. -> dict(answers: strings, ids: id lists up to and including the end token)."""
+    if hasattr(model, "showo"):  # the family seam of understand.py
+        if tokens is None:
+            from PIL import Image
+            pictures = [im if isinstance(im, Image.Image) else Image.fromarray(
+                im.cpu().numpy() if torch.is_tensor(im) else im) for im in images]
+            tokens = torch.cat([processor.encode_image(im, model.config.num_vq_tokens) for im in pictures])
         return showo_answer(model, processor, tokens, questions, max_new_tokens, temperature, generator,
                             return_logprobs)
     return janus_answer(model, processor, images, questions, max_new_tokens, temperature, generator, return_logprobs)
-
-
-def self_check(model, processor, images, tasks, max_new_tokens=100, normalize=False, tokens=None):
-    """UniRL's judge: the model answers each task's question about its own image, the answer is scored slot by slot.
-
-    tasks: B task dicts (reward.py format); images (Janus; None for Show-o) or tokens (Show-o) as in answer().
-    Greedy answers, as the official evaluation. Returns dict(answers, answer_ids (decoded ids up to and including
-    EOS/EOT), rewards [B] float (matched slots, or their fraction if normalize), correct [B] bool).
-    """
-    out = answer(model, processor, [t["question"] for t in tasks], images, tokens, max_new_tokens)
-    if hasattr(model, "showo"):
-        answer_ids = out["ids"]
-    else:
-        eos = processor.ids["eos"]
-        answer_ids = [row[:row.index(eos) + 1] if eos in row else row for row in out["ids"].tolist()]
-    matched = [reward.slots(a, t) for a, t in zip(out["answers"], tasks)]
-    rewards = torch.tensor([m / n if normalize else float(m) for m, n in matched])
-    correct = torch.tensor([m == n for m, n in matched])
-    return dict(answers=out["answers"], answer_ids=answer_ids, rewards=rewards, correct=correct)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -288,11 +279,8 @@ def main():
     from PIL import Image
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model, processor = load_model(args.model, device=args.device, dtype=dtype, vq_dir=args.vq)
-    images = [Image.open(p) for p in args.image]
-    tokens = None
-    if hasattr(model, "showo"):  # Show-o understands MAGVIT tokens: encode the pictures first
-        tokens = torch.cat([processor.encode_image(im, model.config.num_vq_tokens) for im in images])
-    out = answer(model, processor, [args.question] * len(images), images, tokens, args.max_new_tokens)
+    images = [Image.open(p).convert("RGB") for p in args.image]
+    out = answer(model, processor, [args.question] * len(images), images, max_new_tokens=args.max_new_tokens)
     for path, text in zip(args.image, out["answers"]):
         print(f"{path}: {text}")
 
