@@ -2,7 +2,17 @@
 UniRL post-training: the model draws images for constructed prompts, answers questions about its own images, and
 learns from its own answers - by SFT on what it judged correct, or by GRPO over the images of each prompt.
 
-    per rank, per step:  tasks -> images (no grad) -> self-check answers -> rewards -> loss -> all-reduce -> AdamW
+    per rank, per step:  tasks -> rollout (images, self-check answers, rewards; no grad) -> loss -> backward
+                         -> all-reduce -> AdamW
+    GRPO:  L = sum over segments s in {image codes, answer tokens} of grpo.grpo_loss(log pi_theta(s), rewards):
+           A_i = (r_i - mean_group r) / std_group r,  per-token -A_i rho_it (clipped) + beta k3-KL(pi_theta || pi_ref)
+    SFT:   L = L_T2I(images judged correct) + L_MMU(reference answers)                          (sft.sft_loss)
+
+What lives on each GPU: the policy in fp32 (master weights, gradients, AdamW's two moments) - whole under DDP,
+one shard of every block under FSDP2 (--fsdp); with --dtype bf16 (or under FSDP) a bf16 sampler copy of the
+whole model that draws the rollouts and is refreshed in place after every optimizer step (in fp32 without FSDP
+the policy samples itself); and, for GRPO with beta > 0 or --frozen-judge, a frozen copy of the initial
+weights in the sampling dtype: the KL reference and/or the judge.
 
 One hand-written loop. Each rank owns whole prompt groups, so advantages never cross ranks. Rollouts are seeded
 per task (seed, step, global task slot), which makes a run independent of how it is split over ranks; the global
@@ -15,10 +25,14 @@ Launch:
     torchrun --standalone --nproc_per_node=8 train.py --algo grpo --model /ckpt/Janus-Pro-1B  # 8 GPUs, DDP
     torchrun --nnodes=2 --node_rank=$R --master_addr=$IP --master_port=29500 --nproc_per_node=8 \\
         train.py --algo grpo --model /ckpt/Janus-Pro-7B --fsdp                               # 16 GPUs, FSDP2
+Defaults: the paper's, as --help shows them; a checkpoint folder may carry train_defaults.json ({"flag": value},
+plus "sft" / "grpo" sections), which replaces them for that model (the toy world's does); flags given win.
+Plug-ins, named module:function and imported by name: --task-source (training prompts), --reward (an external
+reward instead of the self-check's), --eval (the evaluation hook).
 Precision (--dtype, the same code on every device; a CPU run with --dtype bf16 takes the path a GPU takes):
     fp32: one fp32 model trains and samples (eval mode while sampling, train mode in the loss).
-    bf16: fp32 master weights for AdamW, losses under bf16 autocast; rollouts run without autocast on a bf16
-          sampler copy that is refreshed in place after every optimizer step (KV caches in bf16, reused).
+    bf16: fp32 master weights for AdamW, losses under bf16 autocast; rollouts run without autocast on the bf16
+          sampler copy (KV caches in bf16, reused).
 Checkpoints go to OUT/step_XXXXXXX/ (model.safetensors loadable by model.py, plus the optimizer and RNG state);
 `--resume` continues from the newest one exactly. One jsonl line per step goes to OUT/log.jsonl.
 """
@@ -39,24 +53,13 @@ from tqdm import tqdm
 import grpo
 import reward
 import sft
-import toy
-from model import load_model, write_janus_roles
+from model import import_named, load_model
+from rollout import Rollout, replay_subset, rollout, sequence_logprobs
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 GENEVAL_METADATA = os.path.join(ROOT, "data", "geneval", "evaluation_metadata.jsonl")
-
-
 TOY_CHECKPOINT = os.path.join(ROOT, "assets", "toy")
-# Defaults that depend on the model. Real checkpoints: the paper's settings (lr 1e-5, guidance 5, group = per-GPU
-# batch) and spec/method.md's reconstruction (beta 0.2, answers trained too). The toy world (toy.py, the shipped
-# ~1M-parameter model): what works on 2 CPU cores in minutes - a feasibility study saw lr 3e-4 collapse, and a
-# self-judged run hacked its own judge unless the judge stayed frozen and a small KL held the generator near it.
-PAPER_DEFAULTS = dict(lr=1e-5, warmup=50, steps=1000, minutes=0.0, cfg=5.0, beta=0.2, optimize="both",
-                      prompts_per_rank=1, frozen_judge=False, skip_flat_groups=False, eval_every=0, eval_tasks=48,
-                      reward_normalize=False)
-TOY_DEFAULTS = dict(lr=1e-4, warmup=5, steps=100_000, minutes=10.0, cfg=2.0, beta=0.02, optimize="t2i",
-                    prompts_per_rank=8, frozen_judge=True, skip_flat_groups=True, eval_every=25, eval_tasks=120,
-                    reward_normalize=True)
+DEFAULTS_FILE = "train_defaults.json"  # a checkpoint's own defaults for this script
 
 
 def number(kind, low=None, high=None, above=None):
@@ -82,9 +85,17 @@ COUNT, NONNEG, POSITIVE, FRACTION = number(int, low=1), number(int, low=0), numb
 NONNEG_F = number(float, low=0)
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--algo", choices=["sft", "grpo"], default="grpo")
+
+#####
+
+
+class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default after its help."""
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
+    ap.add_argument("--algo", choices=["sft", "grpo"], default="grpo", help="the objective (see above)")
     ap.add_argument("--model", default=TOY_CHECKPOINT,
                     help="checkpoint folder (Janus / Janus-Pro or Show-o); default: the shipped toy-world model")
     ap.add_argument("--vq", help="Show-o only: the MAGVIT-v2 folder, if not inside --model")
@@ -97,29 +108,51 @@ def parse_args(argv=None):
     ap.add_argument("--out", default="runs/unirl", help="checkpoints and log.jsonl")
     # data
     ap.add_argument("--tasks", type=COUNT, default=5000, help="size of the constructed training set")
+    ap.add_argument("--task-source", default="geneval",
+                    help="geneval: GenEval's templates over its 80 COCO classes (reward.make_tasks); or a plug-in "
+                         "module:function, (n, seed) -> n task dicts in reward.py's schema")
     ap.add_argument("--exclude", default=GENEVAL_METADATA,
-                    help="GenEval metadata whose prompts never become training prompts (default: the copy in "
-                         "data/geneval; 'none' = no dedup, which trains on GenEval's test prompts)")
-    ap.add_argument("--prompts-per-rank", type=COUNT, help="prompt groups per rank per micro-step")
+                    help="GenEval metadata whose prompts never become training prompts ('none' = no dedup, which "
+                         "can train on GenEval's test prompts)")
+    ap.add_argument("--prompts-per-rank", type=COUNT, default=1, help="prompt groups per rank per micro-step")
     ap.add_argument("--group-size", type=NONNEG, default=0, help="images per prompt (0 = UniRL's: 8 Janus, 3 Show-o)")
     # optimisation
-    ap.add_argument("--steps", type=COUNT)
-    ap.add_argument("--minutes", type=NONNEG_F, help="also stop after this much wall time (0 = no limit)")
-    ap.add_argument("--lr", type=POSITIVE)
-    ap.add_argument("--warmup", type=NONNEG)
+    ap.add_argument("--steps", type=COUNT, default=1000, help="optimizer steps (the cosine schedule's length)")
+    ap.add_argument("--minutes", type=NONNEG_F, default=0.0, help="also stop after this much wall time (0 = no limit)")
+    ap.add_argument("--lr", type=POSITIVE, default=1e-5, help="peak learning rate")
+    ap.add_argument("--warmup", type=NONNEG, default=50, help="linear warmup steps")
     ap.add_argument("--min-lr-ratio", type=FRACTION, default=0.1, help="cosine decays to lr * this")
-    ap.add_argument("--weight-decay", type=NONNEG_F, default=0.01)
+    ap.add_argument("--weight-decay", type=NONNEG_F, default=0.01, help="decoupled (AdamW) weight decay")
     ap.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
                     help="sgd: an update linear in the gradient, for checking runs against each other (Adam's first "
                          "steps turn float noise in near-zero gradients into +-lr updates)")
     ap.add_argument("--grad-clip", type=NONNEG_F, default=1.0, help="max gradient norm (0 = no clipping)")
-    ap.add_argument("--grad-accum", type=COUNT, default=1)
+    ap.add_argument("--grad-accum", type=COUNT, default=1, help="rollouts (micro-steps) per optimizer step")
     ap.add_argument("--updates-per-rollout", type=COUNT, default=1,
                     help="optimizer steps on each rollout (GRPO: > 1 freezes an old policy and clips the ratio)")
-    ap.add_argument("--activation-checkpointing", action="store_true")
+    ap.add_argument("--activation-checkpointing", action="store_true",
+                    help="recompute each transformer block in backward (memory for compute)")
     ap.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard per block); for Janus-Pro-7B")
-    # sampling
-    ap.add_argument("--cfg", type=NONNEG_F, help="guidance while sampling")
+    add_sampling_and_loss_args(ap)
+    # bookkeeping
+    ap.add_argument("--seed", type=int, default=0, help="decides every random draw of the run")
+    ap.add_argument("--save-every", type=COUNT, default=100, help="checkpoint every N steps (and at the end)")
+    ap.add_argument("--keep", type=COUNT, default=3, help="newest checkpoints kept (>= 1)")
+    ap.add_argument("--eval", default="selfcheck",
+                    help="evaluation hook: selfcheck (one image per held-out task, judged by the model itself), or "
+                         "a plug-in module:function, (model, processor, args, judge_model) -> {name: float}")
+    ap.add_argument("--eval-every", type=NONNEG, default=0, help="evaluation hook every N steps (0 = off)")
+    ap.add_argument("--eval-tasks", type=COUNT, default=48, help="held-out tasks of the evaluation hook")
+    ap.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --out")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="start afresh in an --out that holds a run (its checkpoints and log are deleted)")
+    ap.add_argument("--stop-after", type=NONNEG, default=0, help="end this process after N steps (for testing resume)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    return ap
+
+
+def add_sampling_and_loss_args(ap):
+    ap.add_argument("--cfg", type=NONNEG_F, default=5.0, help="guidance while sampling")
     ap.add_argument("--temperature", type=POSITIVE,
                     help="Janus: image-token sampling temperature (default 1). Show-o samples its codes untempered "
                          "(official sampler); its knob is --remask-temperature")
@@ -127,48 +160,84 @@ def parse_args(argv=None):
                     help="Show-o: scale of the Gumbel noise that picks the tokens re-masked each MaskGIT step, "
                          "annealed to 0 over the steps (official default 1)")
     ap.add_argument("--showo-steps", type=COUNT, default=50, help="Show-o MaskGIT steps per image")
-    ap.add_argument("--max-answer-tokens", type=COUNT, default=100)
+    ap.add_argument("--max-answer-tokens", type=COUNT, default=100,
+                    help="self-check answer budget (also dr_grpo's answer denominator)")
     # GRPO
-    ap.add_argument("--beta", type=NONNEG_F, help="k3 KL coefficient (0 skips the reference model)")
-    ap.add_argument("--logp", choices=["cond", "cfg"],
-                    help="Janus image log-probs: conditional row or the guided sampler's (GRPO's ratio and KL; SFT's "
-                         "T2I target). Default: cond, except toy-world SFT: cfg")
+    ap.add_argument("--beta", type=NONNEG_F, default=0.2, help="k3 KL coefficient (0 skips the reference model)")
+    ap.add_argument("--logp", choices=["cond", "cfg"], default="cond",
+                    help="Janus image log-probs: the conditional row or the guided sampler's (GRPO's ratio and KL; "
+                         "SFT's T2I target)")
     ap.add_argument("--showo-logp", choices=["masked", "trajectory"], default="masked",
                     help="Show-o image log-prob estimator: one masked pass, or a replay of the sampling steps")
     ap.add_argument("--showo-replay-steps", type=NONNEG, default=0,
                     help="trajectory replay: re-run this many randomly chosen sampling steps per update (their "
                          "tokens carry the loss; 0 = all). Each replayed step keeps one forward's graph until "
                          "backward, so this bounds memory")
-    ap.add_argument("--optimize", choices=["t2i", "mmu", "both"], help="which tokens GRPO trains")
-    ap.add_argument("--reward", choices=["self", "oracle"], default="self",
-                    help="self: the model's own answers (UniRL); oracle: the toy world's exact evaluator")
-    ap.add_argument("--frozen-judge", action=argparse.BooleanOptionalAction,
+    ap.add_argument("--optimize", choices=["t2i", "mmu", "both"], default="both", help="which tokens GRPO trains")
+    ap.add_argument("--reward", default="self",
+                    help="self: the model's own answers, scored slot by slot (UniRL); or a plug-in module:function, "
+                         "(tasks, tokens, images) -> rewards [B] or (rewards, correct [B]), e.g. toy:exact_reward")
+    ap.add_argument("--frozen-judge", action=argparse.BooleanOptionalAction, default=False,
                     help="answer with a frozen copy of the initial model instead of the one being trained")
-    ap.add_argument("--skip-flat-groups", action=argparse.BooleanOptionalAction,
+    ap.add_argument("--skip-flat-groups", action=argparse.BooleanOptionalAction, default=False,
                     help="groups with equal rewards leave the GRPO loss (KL included)")
-    ap.add_argument("--agg", choices=grpo.AGGREGATIONS, default="grpo")
+    ap.add_argument("--agg", choices=grpo.AGGREGATIONS, default="grpo", help="token aggregation (grpo.aggregate)")
     ap.add_argument("--no-adv-std", action="store_true", help="Dr. GRPO advantages r - mean")
-    ap.add_argument("--reward-normalize", action=argparse.BooleanOptionalAction,
+    ap.add_argument("--reward-normalize", action=argparse.BooleanOptionalAction, default=False,
                     help="reward = matched slots / slots (else the count of matched slots)")
     # SFT
-    ap.add_argument("--sft-mmu-filter", choices=["all", "verified"], default="all")
-    ap.add_argument("--cond-dropout", type=FRACTION, default=0.1)
+    ap.add_argument("--sft-mmu-filter", choices=["all", "verified"], default="all",
+                    help="SFT answer loss on every image, or on the self-verified ones only")
+    ap.add_argument("--cond-dropout", type=FRACTION, default=0.1,
+                    help="SFT: share of T2I rows that see the unconditional prompt (keeps CFG working)")
     ap.add_argument("--end-to-end", action="store_true",
                     help="straight-through Gumbel SFT: the answer loss also trains generation (Janus: through the VQ "
                          "decoder and SigLIP; Show-o: one-hot image embeddings)")
     ap.add_argument("--tau", type=POSITIVE, default=1.0, help="Gumbel-softmax temperature of --end-to-end")
-    # bookkeeping
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--save-every", type=COUNT, default=100)
-    ap.add_argument("--keep", type=COUNT, default=3, help="newest checkpoints kept (>= 1)")
-    ap.add_argument("--eval-every", type=NONNEG, help="evaluation hook every N steps (0 = off)")
-    ap.add_argument("--eval-tasks", type=COUNT, help="held-out tasks of the evaluation hook")
-    ap.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --out")
-    ap.add_argument("--overwrite", action="store_true",
-                    help="start afresh in an --out that holds a run (its checkpoints and log are deleted)")
-    ap.add_argument("--stop-after", type=NONNEG, default=0, help="end this process after N steps (for testing resume)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def checkpoint_defaults(ap, model_dir, algo):
+    """The checkpoint folder's train_defaults.json as {dest: value} (top level, then its `algo` section), each
+    value checked as the flag would check it. A key that is no flag, or a bad value, is an error naming both."""
+    path = os.path.join(model_dir, DEFAULTS_FILE)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+        assert isinstance(raw, dict) and all(isinstance(raw.get(a, {}), dict) for a in ("sft", "grpo"))
+    except (json.JSONDecodeError, AssertionError) as e:
+        ap.error(f"{path}: expected a json object of flag: value (and \"sft\"/\"grpo\" objects) ({e})")
+    values = {k: v for k, v in raw.items() if k not in ("sft", "grpo") and not k.startswith("_")}  # _x: notes
+    values.update(raw.get(algo, {}))
+    actions = {a.dest: a for a in ap._actions if a.dest not in ("help", "model")}
+    for key, value in values.items():
+        action = actions.get(key)
+        if action is None:
+            ap.error(f"{path}: {key!r} is not a train.py flag")
+        try:
+            if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):  # an on/off flag
+                assert isinstance(value, bool)
+            elif action.type is not None:
+                value = action.type(str(value))
+            assert action.choices is None or value in action.choices
+        except (argparse.ArgumentTypeError, AssertionError, ValueError):
+            ap.error(f"{path}: {key} = {value!r} is not a valid value of --{key.replace('_', '-')}")
+        values[key] = value
+    return values
+
+
+def parse_args(argv=None):
+    ap = build_parser()
     args = ap.parse_args(argv)
+    if not os.path.isdir(args.model):
+        ap.error(f"--model {args.model!r} is not a folder" + (" (the toy checkpoint is made by `python toy.py "
+                 "pretrain --out assets/toy`)" if args.model == TOY_CHECKPOINT else ""))
+    defaults = checkpoint_defaults(ap, args.model, args.algo)
+    if defaults:  # the folder's defaults replace the paper's; flags on the command line still win
+        ap.set_defaults(**defaults)
+        args = ap.parse_args(argv)
+    args.defaults_file = os.path.join(args.model, DEFAULTS_FILE) if defaults else None
     if args.dtype is None:
         args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
     if args.exclude.lower() == "none":
@@ -176,13 +245,20 @@ def parse_args(argv=None):
     elif not os.path.isfile(args.exclude):
         ap.error(f"--exclude {args.exclude!r} is not a file: without it GenEval's test prompts can become training "
                  "prompts. Point it at evaluation_metadata.jsonl (data/geneval/ ships one), or say --exclude none")
+    for flag, builtin in (("task_source", "geneval"), ("reward", "self"), ("eval", "selfcheck")):
+        value = getattr(args, flag)
+        if value != builtin:  # a plug-in: load it now, so that a typo fails before any model is loaded
+            try:
+                import_named(value)
+            except ValueError as e:
+                ap.error(f"--{flag.replace('_', '-')} {value!r}: {e}")
     if args.group_size == 1 and args.algo == "grpo":
         ap.error("--group-size 1: GRPO's advantages compare the images of one prompt; a group of one has none")
     return args
 
 
 # -----------------------------------------------------------------------------------------------------------
-# distribution
+# distribution and the objective
 
 
 def setup_distributed(device):
@@ -218,6 +294,7 @@ def gather_means(stats, tags, rewards):
     return out
 
 
+
 class Objective(nn.Module):
     """The loss as a module, so that DDP / FSDP see one forward per step (their hooks live on forward)."""
 
@@ -226,27 +303,51 @@ class Objective(nn.Module):
         self.model, self.processor, self.args = model, processor, args
         self.frozen = (ref_model,)  # a tuple, so the reference is no submodule: never sharded, saved or all-gathered
 
-    def forward(self, batch, record_old=False):
-        """record_old: store pi_old's log-probs in the batch instead (no grad). It runs through this forward so
-        that FSDP's root gathers the shards, as for the loss."""
+    def logprobs(self, model, ro, replay_steps=None):
+        """The segments GRPO trains (--optimize), under `model`: {"img": (logp, mask), "ans": (logp, mask)}."""
+        a = self.args
+        return sequence_logprobs(model, self.processor, ro, image=a.optimize != "mmu", answers=a.optimize != "t2i",
+                                 cfg_weight=a.cfg, temperature=a.temperature, janus_mode=a.logp,
+                                 replay_steps=replay_steps)
+
+    def forward(self, ro, record_old=False):
+        """-> (loss, stats). record_old: store pi_old's log-probs in the rollout instead (no grad); it runs
+        through this forward so that FSDP's root gathers the shards, as for the loss."""
         a = self.args
         if record_old:
-            grpo.record_old_logprobs(self.model, self.processor, batch, a.group_size, a.cfg, a.temperature, a.logp,
-                                     batch["generator"])
+            with torch.no_grad():
+                ro.logp_old = {part: lp for part, (lp, _) in self.logprobs(self.model, ro).items()}
             return None
         if a.algo == "grpo":
-            loss, stats = grpo.grpo_loss(self.model, self.processor, batch, a.group_size, self.frozen[0], a.beta,
-                                         a.cfg, a.temperature, a.logp, a.optimize, a.agg, not a.no_adv_std,
-                                         generator=batch["generator"], skip_flat_groups=a.skip_flat_groups,
-                                         answer_budget=a.max_answer_tokens, replay_steps=a.showo_replay_steps)
+            loss, stats = self.grpo(ro)
         else:
-            loss, stats = sft.sft_loss(self.model, self.processor, batch, mmu_filter=a.sft_mmu_filter,
-                                       cond_dropout=a.cond_dropout, generator=batch["generator"],
-                                       end_to_end=a.end_to_end, tau=a.tau,
-                                       t2i_cfg_weight=a.cfg if a.logp == "cfg" else None)
+            loss, stats = sft.sft_loss(self.model, self.processor, ro, mmu_filter=a.sft_mmu_filter,
+                                       cond_dropout=a.cond_dropout, generator=ro.generator, end_to_end=a.end_to_end,
+                                       tau=a.tau, t2i_cfg_weight=a.cfg if a.logp == "cfg" else None)
         if not a.fsdp:  # DDP reduces every trainable parameter: let each join the graph (with weight 0), also
             # the ones a run leaves unused (e.g. lm_head with --optimize t2i). FSDP2 copes with unused ones itself.
             loss = loss + 0.0 * sum(p.reshape(-1)[0] for p in self.model.parameters() if p.requires_grad)
+        return loss, stats
+
+    def grpo(self, ro):
+        """grpo.grpo_loss of the image codes plus that of the answer tokens (each its own mean, so ~10 answer
+        tokens are not drowned by 576 image tokens). The reference sees the same replayed steps and masks."""
+        a, ref_model = self.args, self.frozen[0]
+        steps = replay_subset(ro, a.showo_replay_steps)
+        policy = self.logprobs(self.model, ro, steps)
+        ref = {}
+        if ref_model is not None and a.beta > 0:
+            with torch.no_grad():
+                ref = {part: lp for part, (lp, _) in self.logprobs(ref_model, ro, steps).items()}
+        old = ro.logp_old or {}
+        loss, stats = 0.0, {}
+        for part, (lp, mask) in policy.items():
+            budget = mask.shape[1] if part == "img" else a.max_answer_tokens  # dr_grpo's constant denominator
+            value, s = grpo.grpo_loss(lp, mask, ro.rewards, ro.group_size, old.get(part), ref.get(part), a.beta,
+                                      a.agg, not a.no_adv_std, a.skip_flat_groups, budget)
+            stats.update(flat_groups=s.pop("flat_groups"), adv_abs=s.pop("adv_abs"), **{f"loss_{part}": value.item()})
+            stats.update({f"{part}_{k}": v for k, v in s.items()})
+            loss = loss + value
         return loss, stats
 
 
@@ -258,6 +359,7 @@ def lr_at(step, args):
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+
 def set_trainable(model):
     """Janus: train the LLM and the generation embedding/heads; keep the VQ tokenizer, SigLIP and the aligner frozen
     (method.md section 8 defaults; understanding features are detached in GRPO anyway). Show-o: the whole
@@ -267,10 +369,6 @@ def set_trainable(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def blocks(model):
-    """The transformer blocks: FSDP2 shards each one; activation checkpointing wraps each one."""
-    return model.showo.model.layers if hasattr(model, "showo") else model.language_model.model.layers
-
 
 def task_generator(args, step, slot, device):
     """The RNG of one prompt group: a function of (seed, step, slot) only, never of the rank layout. It lives on
@@ -278,13 +376,141 @@ def task_generator(args, step, slot, device):
     return torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * 10_007 + slot)
 
 
+
+def resolve_defaults(args, model):
+    """The family-dependent settings (the one place train.py tells Janus from Show-o), and the flags that
+    would do nothing for this family, refused."""
+    showo = hasattr(model, "showo")
+    if showo and args.temperature is not None:
+        raise SystemExit("--temperature is Janus' image-token temperature; Show-o samples its codes untempered "
+                         "(use --remask-temperature for its re-masking noise)")
+    if showo and args.logp == "cfg":
+        raise SystemExit("--logp is Janus' image log-prob; Show-o's estimator is --showo-logp")
+    if not showo and args.showo_logp != "masked":
+        raise SystemExit("--showo-logp is for Show-o checkpoints")
+    if args.temperature is None:
+        args.temperature = 1.0
+    # the sampler's temperature argument: Janus' token temperature, Show-o's re-masking temperature
+    args.sample_temperature = args.remask_temperature if showo else args.temperature
+    args.group_size = args.group_size or (3 if showo else 8)
+    args.trajectory = args.algo == "grpo" and args.showo_logp == "trajectory"  # record Show-o's sampling steps
+
+
+def build_training(args, model, processor, device, world):
+    """-> (train_module, objective, sampler, judge, params, optimizer). The sampler is the model itself in fp32 without
+    FSDP; otherwise an inference copy in the sampling dtype (FSDP: its shards gathered into it after each step)."""
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    frozen = None
+    if (args.algo == "grpo" and args.beta > 0) or args.frozen_judge:  # a frozen copy of the initial weights
+        frozen = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+    ref_model = frozen if args.algo == "grpo" and args.beta > 0 else None
+    judge = frozen if args.frozen_judge else None
+    sampler = model
+    if args.fsdp or dtype != torch.float32:  # copied before sharding, so it holds whole tensors
+        sampler = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+    objective = Objective(model, processor, args, ref_model)
+    if args.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for block in model.blocks:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(objective, mp_policy=mp)
+        train_module = objective
+    elif world > 1:
+        train_module = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        train_module = objective
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=args.lr, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
+    return train_module, objective, sampler, judge, params, optimizer
+
+
+def make_task_sets(args):
+    """(training tasks, held-out eval-hook tasks, report). GenEval's prompts (--exclude) are excluded from both.
+    The built-in tasks of the eval hook also exclude every training prompt, so 'held out' means it; a plug-in's
+    come from another seed (a small world, like the toy's, may have no prompt left to hold out)."""
+    report = {}
+    exclude = reward.geneval_prompts(args.exclude) if args.exclude else set()
+    if args.task_source == "geneval":
+        tasks = reward.make_tasks(args.tasks, args.seed, exclude_prompts=exclude, report=report)
+        eval_tasks = reward.make_tasks(args.eval_tasks, args.seed + 1,
+                                       exclude_prompts=exclude | {t["prompt"] for t in tasks})
+        return tasks, eval_tasks, report
+    make = import_named(args.task_source)  # a plug-in: its held-out tasks come from another seed
+    banned = {reward.prompt_key(p) for p in exclude}
+    tasks = [t for t in make(args.tasks, args.seed) if reward.prompt_key(t["prompt"]) not in banned]
+    if not tasks:
+        raise SystemExit(f"--task-source {args.task_source}: no training task is left after --exclude")
+    report["excluded"] = args.tasks - len(tasks)
+    eval_tasks = [t for t in make(args.eval_tasks, 10_000 + args.seed) if reward.prompt_key(t["prompt"]) not in banned]
+    return tasks, eval_tasks, report
+
+
+def collect_rollouts(args, sampler, processor, tasks, judge, reward_fn, step, rank, world, device):
+    """grad_accum rollouts of whole prompt groups, each group seeded by its global slot (rank layout invariant)."""
+    per_step = args.prompts_per_rank * args.grad_accum
+    sampler.eval()
+    rollouts = []
+    for micro in range(args.grad_accum):
+        slots = [(step * world + rank) * per_step + micro * args.prompts_per_rank + j
+                 for j in range(args.prompts_per_rank)]
+        ro = Rollout.cat([rollout(sampler, processor, [tasks[s % len(tasks)]], args.group_size, args.cfg,
+                                  args.sample_temperature, task_generator(args, step, s, device),
+                                  args.max_answer_tokens, args.reward_normalize, args.showo_steps, args.trajectory,
+                                  judge, reward_fn) for s in slots])
+        ro.generator = task_generator(args, step, slots[0], device)  # losses' fallback RNG (rollouts draw first)
+        rollouts.append(ro)
+    return rollouts
+
+
+def update(args, train_module, model, optimizer, params, rollouts, autocast, step, last_good):
+    """updates_per_rollout optimizer steps on the rollout (1 = UniRL's on-policy default: ratio 1, no clip).
+    Returns (stats averaged over micro-rollouts and updates, gradient norm of the last update)."""
+    model.train()  # the loss in train mode: activation checkpointing runs only there
+    if args.algo == "grpo" and args.updates_per_rollout > 1:
+        with torch.no_grad(), autocast:
+            for ro in rollouts:
+                train_module(ro, record_old=True)
+    stats_acc = {}
+    max_norm = args.grad_clip if args.grad_clip > 0 else float("inf")  # 0 = no clipping (never a zero gradient)
+    for _ in range(args.updates_per_rollout):
+        for micro, ro in enumerate(rollouts):
+            if isinstance(train_module, nn.parallel.DistributedDataParallel):  # all-reduce on the last one
+                train_module.require_backward_grad_sync = micro == len(rollouts) - 1
+            with autocast:
+                loss, stats = train_module(ro)
+            finite = torch.isfinite(loss.detach()).float()
+            if dist.is_initialized():  # every rank stops together: a lone rank stopping would hang the rest
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if not bool(finite):
+                raise RuntimeError(f"non-finite loss {loss.item()} at step {step} (stats {stats}); stopping. The "
+                                   f"last good checkpoint is {last_good or 'none (none written yet)'}")
+            (loss / len(rollouts)).backward()
+            for k, v in stats.items():
+                stats_acc[k] = stats_acc.get(k, 0.0) + v / len(rollouts) / args.updates_per_rollout
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if not torch.isfinite(grad_norm):
+            raise RuntimeError(f"non-finite gradient norm at step {step}; stopping before the update")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if not weights_finite(params):  # e.g. a learning rate that overflows: nothing of this step is saved
+            raise RuntimeError(f"non-finite weights after the update of step {step} (lr {optimizer.param_groups[0]['lr']:.3g})"
+                               f"; stopping before anything is saved. The last good checkpoint is "
+                               f"{last_good or 'none (none written yet)'}")
+    return stats_acc, grad_norm
+
+
 # -----------------------------------------------------------------------------------------------------------
 # checkpoints: atomic (write to a temp folder, then rename), the newest `keep` kept
 
 
-def save_checkpoint(args, step, module, optimizer, rank, src_dir, roles_cfg=None):
-    """module: the model, or under FSDP the sharded Objective root (its keys carry a "model." prefix).
-    roles_cfg: a Janus config whose chat roles are written as janus_roles.json."""
+def save_checkpoint(args, step, module, optimizer, rank, processor):
+    """module: the model, or under FSDP the sharded Objective root (its keys carry a "model." prefix). The folder
+    loads on its own: the source's json files (config, tokenizer, train_defaults) and the processor's own files
+    (Janus' chat roles, Show-o's MAGVIT-v2) go with the weights."""
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict, StateDictOptions
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -297,11 +523,10 @@ def save_checkpoint(args, step, module, optimizer, rank, src_dir, roles_cfg=None
         os.makedirs(tmp)
         save_file({k: v.contiguous() for k, v in model_sd.items()}, os.path.join(tmp, "model.safetensors"))
         torch.save(dict(optimizer=optim_sd, step=step, args=vars(args)), os.path.join(tmp, "train_state.pt"))
-        for f in glob.glob(os.path.join(src_dir, "*.json")) + glob.glob(os.path.join(src_dir, "magvit*")):
-            if not f.endswith(".index.json"):  # config, tokenizer, Show-o's MAGVIT: the folder loads on its own
+        for f in glob.glob(os.path.join(args.model, "*.json")):
+            if not f.endswith(".index.json"):
                 shutil.copy(f, tmp)
-        if roles_cfg is not None:  # Janus: the chat roles this run used, so a reload never guesses them
-            write_janus_roles(tmp, roles_cfg)
+        processor.write_files(tmp)  # the chat roles this run used (a reload never guesses them); MAGVIT-v2
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in sorted(glob.glob(os.path.join(args.out, "step_*[0-9]")))[:-args.keep]:
@@ -383,152 +608,90 @@ def weights_finite(params):
 
 
 # -----------------------------------------------------------------------------------------------------------
+# evaluation and logging
 
 
 @torch.no_grad()
 def self_check_eval(model, processor, tasks, args, device):
-    """The eval hook: one image per held-out task, judged by the model itself; accuracy overall and per tag."""
+    """The built-in eval hook: one image per held-out task, judged by the model itself; accuracy overall and per
+    tag."""
     correct = []
     for i, task in enumerate(tasks):
-        batch = sft.rollout(model, processor, [task], 1, args.cfg, args.sample_temperature,
-                            torch.Generator(device).manual_seed(i),
-                            args.max_answer_tokens, steps=args.showo_steps)
-        correct.append(bool(batch["correct"][0]))
+        ro = rollout(model, processor, [task], 1, args.cfg, args.sample_temperature,
+                     torch.Generator(device).manual_seed(i), args.max_answer_tokens, steps=args.showo_steps)
+        correct.append(bool(ro.correct[0]))
     per_tag = {}
     for task, ok in zip(tasks, correct):
         per_tag.setdefault(task["tag"], []).append(ok)
     return dict(selfcheck=sum(correct) / len(correct), **{f"selfcheck_{t}": sum(v) / len(v) for t, v in per_tag.items()})
 
 
-def resolve_defaults(args, model):
-    """Fill the model-dependent defaults (toy world or paper) and refuse flags that would do nothing."""
-    showo = hasattr(model, "showo")
-    toy_world = bool(getattr(getattr(model, "cfg", None), "palette", ()))  # palette tokenizer: toy world only
-    for key, value in (TOY_DEFAULTS if toy_world else PAPER_DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.logp is None:  # toy SFT fitting the conditional row to guided samples ran away (sft.janus_t2i_loss)
-        args.logp = "cfg" if toy_world and args.algo == "sft" else "cond"
-    if args.reward == "oracle" and not toy_world:
-        raise SystemExit("--reward oracle needs the toy world: real images have no exact evaluator")
-    if showo and args.temperature is not None:
-        raise SystemExit("--temperature is Janus' image-token temperature; Show-o samples its codes untempered "
-                         "(use --remask-temperature for its re-masking noise)")
-    if not showo and args.showo_logp != "masked":
-        raise SystemExit("--showo-logp is for Show-o checkpoints")
-    if args.temperature is None:
-        args.temperature = 1.0
-    # the sampler's temperature argument: Janus' token temperature, Show-o's re-masking temperature
-    args.sample_temperature = args.remask_temperature if showo else args.temperature
-    args.group_size = args.group_size or (3 if showo else 8)
-    return toy_world
+def make_evaluator(args, sampler, processor, judge, eval_tasks, device):
+    """() -> {name: float} of the current sampler: --eval's plug-in, or the built-in self-check."""
+    hook = None if args.eval == "selfcheck" else import_named(args.eval)
+
+    def evaluate():
+        sampler.eval()
+        if hook is not None:
+            return hook(sampler, processor, args, judge)
+        return self_check_eval(sampler, processor, eval_tasks, args, device)
+    return evaluate
 
 
-def build_training(args, model, processor, device, world):
-    """-> (train_module, objective, sampler, judge, params, optimizer). The sampler is the model itself in fp32 without
-    FSDP; otherwise an inference copy in the sampling dtype (FSDP: its shards gathered into it after each step)."""
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    frozen = None
-    if (args.algo == "grpo" and args.beta > 0) or args.frozen_judge:  # a frozen copy of the initial weights
-        frozen = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
-    ref_model = frozen if args.algo == "grpo" and args.beta > 0 else None
-    judge = frozen if args.frozen_judge else None
-    sampler = model
-    if args.fsdp or dtype != torch.float32:  # copied before sharding, so it holds whole tensors
-        sampler = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
-    objective = Objective(model, processor, args, ref_model)
-    if args.fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-        for block in blocks(model):
-            fully_shard(block, mp_policy=mp)
-        fully_shard(objective, mp_policy=mp)
-        train_module = objective
-    elif world > 1:
-        train_module = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        train_module = objective
-    params = [p for p in model.parameters() if p.requires_grad]
-    if args.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=args.lr, weight_decay=args.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
-    return train_module, objective, sampler, judge, params, optimizer
+def step_entry(args, step, rollouts, stats, grad_norm, update_s):
+    """One log.jsonl line: the step's timings and throughput, its loss terms and rewards averaged over ranks."""
+    t_sample, t_score = sum(r.sample_s for r in rollouts), sum(r.score_s for r in rollouts)
+    rewards = [x for r in rollouts for x in r.rewards.tolist()]
+    entry = dict(step=step + 1, lr=lr_at(step, args), grad_norm=float(grad_norm), rollout_s=t_sample,
+                 score_s=t_score, update_s=update_s, images_per_s=len(rewards) / max(t_sample, 1e-9),
+                 tokens_per_s=sum(r.tokens.numel() for r in rollouts) / max(t_sample, 1e-9))
+    entry.update(gather_means(stats, [t["tag"] for r in rollouts for t in r.tasks], rewards))
+    return entry
 
 
-def make_task_sets(args, toy_world):
-    """(training tasks, held-out eval-hook tasks, report). Real checkpoints: GenEval's prompts are excluded from
-    both, and the eval-hook tasks also exclude every training prompt, so 'held out' means it."""
-    report = {}
-    if toy_world:  # the toy world's own classes; its evaluation prompts are held out by seed
-        return toy.make_toy_tasks(args.tasks, args.seed), toy.make_toy_tasks(args.eval_tasks, 10_000 + args.seed), report
-    exclude = reward.geneval_prompts(args.exclude) if args.exclude else set()
-    tasks = reward.make_tasks(args.tasks, args.seed, exclude_prompts=exclude, report=report)
-    eval_tasks = reward.make_tasks(args.eval_tasks, args.seed + 1,
-                                   exclude_prompts=exclude | {t["prompt"] for t in tasks})
-    return tasks, eval_tasks, report
+def start_log(args, rank, start, n_trainable, world, tasks, report):
+    """Rank 0: cut log.jsonl back to the resumed step, write OUT/config.json (every effective argument), say what
+    runs, and open the log for appending. Other ranks: None."""
+    if rank != 0:
+        return None
+    cut_log(os.path.join(args.out, "log.jsonl"), start if start else -1)
+    with open(os.path.join(args.out, "config.json.tmp"), "w") as f:
+        json.dump(vars(args), f, indent=1)
+    os.replace(os.path.join(args.out, "config.json.tmp"), os.path.join(args.out, "config.json"))
+    print(f"{args.algo}: {n_trainable / 1e6:.1f}M trainable parameters, {world} rank(s), {args.dtype}, "
+          f"{len(tasks)} tasks ({report.get('excluded', 0)} candidates excluded as GenEval prompts), "
+          f"steps {start}..{args.steps}" + (f", defaults from {args.defaults_file}" if args.defaults_file else ""))
+    return open(os.path.join(args.out, "log.jsonl"), "a")
 
 
-def collect_rollouts(args, sampler, processor, tasks, judge, step, rank, world, device, trajectory):
-    """grad_accum micro-batches of whole prompt groups, each seeded by its global slot (rank layout invariant)."""
-    per_step = args.prompts_per_rank * args.grad_accum
-    sampler.eval()
-    batches = []
-    for micro in range(args.grad_accum):
-        slots = [(step * world + rank) * per_step + micro * args.prompts_per_rank + j
-                 for j in range(args.prompts_per_rank)]
-        batch = merge_batches([
-            sft.rollout(sampler, processor, [tasks[s % len(tasks)]], args.group_size, args.cfg,
-                        args.sample_temperature, task_generator(args, step, s, device), args.max_answer_tokens,
-                        args.reward_normalize, args.showo_steps, trajectory, judge) for s in slots])
-        if args.reward == "oracle":  # the exact evaluator replaces the model's answers (toy world only)
-            batch["rewards"] = torch.tensor([toy.oracle_reward(c, t, partial=True)
-                                             for c, t in zip(batch["tokens"], batch["tasks"])])
-            batch["correct"] = torch.tensor([toy.judge(c, t) for c, t in zip(batch["tokens"], batch["tasks"])])
-        batch["generator"] = task_generator(args, step, slots[0], device)  # losses' fallback RNG (rollouts draw first)
-        batches.append(batch)
-    return batches
+def is_last_step(args, step, start, t_start, device):
+    """--steps reached, --minutes spent (rank 0's clock decides for everyone) or --stop-after reached."""
+    # a collective's tensor lives on the training device (NCCL accepts nothing else)
+    out_of_time = torch.tensor(float(bool(args.minutes) and time.time() - t_start > 60 * args.minutes), device=device)
+    if dist.is_initialized():
+        dist.broadcast(out_of_time, 0)
+    return step + 1 == args.steps or bool(out_of_time) or bool(args.stop_after and step + 1 - start >= args.stop_after)
 
 
-def update(args, train_module, model, optimizer, params, batches, autocast, step, last_good):
-    """updates_per_rollout optimizer steps on the rollout (1 = UniRL's on-policy default: ratio 1, no clip).
-    Returns (stats averaged over micro-batches and updates, gradient norm of the last update)."""
-    model.train()  # the loss in train mode: activation checkpointing runs only there
-    if args.algo == "grpo" and args.updates_per_rollout > 1:
-        with torch.no_grad(), autocast:
-            for batch in batches:
-                train_module(batch, record_old=True)
-    stats_acc = {}
-    max_norm = args.grad_clip if args.grad_clip > 0 else float("inf")  # 0 = no clipping (never a zero gradient)
-    for _ in range(args.updates_per_rollout):
-        for micro, batch in enumerate(batches):
-            if isinstance(train_module, nn.parallel.DistributedDataParallel):  # all-reduce on the last one
-                train_module.require_backward_grad_sync = micro == len(batches) - 1
-            with autocast:
-                loss, stats = train_module(batch)
-            finite = torch.isfinite(loss.detach()).float()
-            if dist.is_initialized():  # every rank stops together: a lone rank stopping would hang the rest
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if not bool(finite):
-                raise RuntimeError(f"non-finite loss {loss.item()} at step {step} (stats {stats}); stopping. The "
-                                   f"last good checkpoint is {last_good or 'none (none written yet)'}")
-            (loss / len(batches)).backward()
-            for k, v in stats.items():
-                stats_acc[k] = stats_acc.get(k, 0.0) + v / len(batches) / args.updates_per_rollout
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if not torch.isfinite(grad_norm):
-            raise RuntimeError(f"non-finite gradient norm at step {step}; stopping before the update")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if not weights_finite(params):  # e.g. a learning rate that overflows: nothing of this step is saved
-            raise RuntimeError(f"non-finite weights after the update of step {step} (lr {optimizer.param_groups[0]['lr']:.3g})"
-                               f"; stopping before anything is saved. The last good checkpoint is "
-                               f"{last_good or 'none (none written yet)'}")
-    return stats_acc, grad_norm
+def progress_bar(args, start, rank):
+    """A run bounded by --minutes counts seconds (its ETA is then true); otherwise steps."""
+    timed = bool(args.minutes)
+    return tqdm(total=round(60 * args.minutes) if timed else args.steps, initial=0 if timed else start,
+                unit="s" if timed else "step", disable=rank != 0, desc=args.algo)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def show_progress(bar, entry, t_start, timed):
+    kl = entry.get("img_kl", entry.get("ans_kl"))
+    bar.set_postfix(step=entry["step"], reward=f"{entry.get('reward', 0):.3f}",
+                    **({} if kl is None else dict(kl=f"{kl:.4f}")))
+    bar.update(min(round(time.time() - t_start), bar.total) - bar.n if timed else 1)
+
+
+# -----------------------------------------------------------------------------------------------------------
+
+
+def setup(args):
+    """Distribution, the run folder, the model and everything built from it."""
     check_run_dir(args)  # every rank, before the rendezvous: nobody has written yet
     rank, world, device = setup_distributed(args.device)
     torch.manual_seed(args.seed)
@@ -537,92 +700,57 @@ def main(argv=None):
     if dist.is_initialized():
         dist.barrier()
     os.makedirs(args.out, exist_ok=True)
-    if not os.path.isdir(args.model):
-        raise SystemExit(f"--model {args.model!r} is not a folder" + (" (the toy checkpoint is made by "
-                         "`python toy.py pretrain --out assets/toy`)" if args.model == TOY_CHECKPOINT else ""))
     # fp32 master weights whatever --dtype says: AdamW's updates of 1e-5 * w vanish in bf16
     model, processor = load_model(args.model, device=device, dtype=torch.float32, vq_dir=args.vq, roles=args.roles)
-    toy_world = resolve_defaults(args, model)
+    resolve_defaults(args, model)
     n_trainable = set_trainable(model)
-    if args.activation_checkpointing:
-        (model if hasattr(model, "showo") else model.language_model.model).checkpointing = True  # where forward reads it
+    model.checkpointing = args.activation_checkpointing
+    return rank, world, device, model, processor, n_trainable
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device, model, processor, n_trainable = setup(args)
     train_module, objective, sampler, judge, params, optimizer = build_training(args, model, processor, device, world)
-    tasks, eval_tasks, report = make_task_sets(args, toy_world)
-
-    def evaluate():
-        sampler.eval()
-        if toy_world:  # exact toy-GenEval, and how often the judge's "correct" is really correct
-            res = toy.toy_geneval(sampler, processor, eval_tasks, 2, args.cfg, args.seed, with_judge=True,
-                                  judge_model=judge)
-            return dict(toy_geneval=res["overall"], **{f"toy_geneval_{t}": v for t, v in res["per_tag"].items()},
-                        judge_precision=res["judge"]["all"]["precision"], judge_recall=res["judge"]["all"]["recall"])
-        return self_check_eval(sampler, processor, eval_tasks, args, device)
-
-    start = 0
-    ckpts = sorted(glob.glob(os.path.join(args.out, "step_*[0-9]")))
+    root = objective if args.fsdp else model  # what the checkpoints hold
+    tasks, eval_tasks, report = make_task_sets(args)
+    evaluate = make_evaluator(args, sampler, processor, judge, eval_tasks, device)
+    reward_fn = None if args.reward == "self" else import_named(args.reward)
+    start, ckpts = 0, sorted(glob.glob(os.path.join(args.out, "step_*[0-9]")))
     if args.resume and ckpts:
-        start, stored = load_checkpoint(ckpts[-1], objective if args.fsdp else model, optimizer)
+        start, stored = load_checkpoint(ckpts[-1], root, optimizer)
         check_resume(args, stored, start, ckpts[-1])
         refresh_sampler(sampler, model)
     elif args.resume and rank == 0:
         print(f"--resume: no checkpoint in {args.out} yet; starting at step 0")
-    if rank == 0:
-        cut_log(os.path.join(args.out, "log.jsonl"), start if start else -1)
-        with open(os.path.join(args.out, "config.json.tmp"), "w") as f:  # every effective argument of this run
-            json.dump(vars(args), f, indent=1)
-        os.replace(os.path.join(args.out, "config.json.tmp"), os.path.join(args.out, "config.json"))
-        print(f"{args.algo}: {n_trainable / 1e6:.1f}M trainable parameters, {world} rank(s), {args.dtype}, "
-              f"{len(tasks)} tasks ({report.get('excluded', 0)} candidates excluded as GenEval prompts), "
-              f"steps {start}..{args.steps}")
-    log = open(os.path.join(args.out, "log.jsonl"), "a") if rank == 0 else None
+    log = start_log(args, rank, start, n_trainable, world, tasks, report)
     before = after = None
     if args.eval_every and rank == 0 and start == 0:  # the starting point, logged as step 0
         before = after = dict(step=0, **evaluate())
         log.write(json.dumps(before) + "\n")
-    t_start = time.time()
-    # a run bounded by --minutes counts seconds (its ETA is then true); otherwise steps
-    timed = bool(args.minutes)
-    bar = tqdm(total=round(60 * args.minutes) if timed else args.steps, initial=0 if timed else start,
-               unit="s" if timed else "step", disable=rank != 0, desc=args.algo)
+    t_start, bar = time.time(), progress_bar(args, start, rank)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
-    trajectory = hasattr(model, "showo") and args.algo == "grpo" and args.showo_logp == "trajectory"
-    roles_cfg = None if hasattr(model, "showo") else model.cfg
     for step in range(start, args.steps):
         # every random draw of a step is a function of (seed, step, rank): a resumed run repeats it exactly
         torch.manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
-        batches = collect_rollouts(args, sampler, processor, tasks, judge, step, rank, world, device, trajectory)
+        rollouts = collect_rollouts(args, sampler, processor, tasks, judge, reward_fn, step, rank, world, device)
         t1 = time.perf_counter()
-        stats, grad_norm = update(args, train_module, model, optimizer, params, batches, autocast, step,
+        stats, grad_norm = update(args, train_module, model, optimizer, params, rollouts, autocast, step,
                                   ckpts[-1] if ckpts else None)
         refresh_sampler(sampler, model)
-        t_update = time.perf_counter() - t1
-        t_sample, t_score = sum(b["sample_s"] for b in batches), sum(b["score_s"] for b in batches)
-        tags = [t["tag"] for b in batches for t in b["tasks"]]
-        rewards_all = [r for b in batches for r in b["rewards"].tolist()]
-        entry = dict(step=step + 1, lr=lr_at(step, args), grad_norm=float(grad_norm), rollout_s=t_sample,
-                     score_s=t_score, update_s=t_update, images_per_s=len(rewards_all) / max(t_sample, 1e-9),
-                     tokens_per_s=sum(b["tokens"].numel() for b in batches) / max(t_sample, 1e-9))
-        entry.update(gather_means(stats, tags, rewards_all))
-        # a collective's tensor lives on the training device (NCCL accepts nothing else)
-        out_of_time = torch.tensor(float(timed and time.time() - t_start > 60 * args.minutes), device=device)
-        if dist.is_initialized():  # rank 0's clock decides for everyone
-            dist.broadcast(out_of_time, 0)
-        last = step + 1 == args.steps or bool(out_of_time) or (args.stop_after and step + 1 - start >= args.stop_after)
+        entry = step_entry(args, step, rollouts, stats, grad_norm, time.perf_counter() - t1)
+        last = is_last_step(args, step, start, t_start, device)
         if args.eval_every and ((step + 1) % args.eval_every == 0 or last) and rank == 0:
             entry.update(evaluate())
             after = entry
         if rank == 0:
             log.write(json.dumps(entry) + "\n")
             log.flush()
-            kl = entry.get("img_kl", entry.get("ans_kl"))
-            bar.set_postfix(step=step + 1, reward=f"{entry.get('reward', 0):.3f}",
-                            **({} if kl is None else dict(kl=f"{kl:.4f}")))
-            bar.update(min(round(time.time() - t_start), bar.total) - bar.n if timed else 1)
+            show_progress(bar, entry, t_start, bool(args.minutes))
         if (step + 1) % args.save_every == 0 or last:
-            ckpts.append(save_checkpoint(args, step + 1, objective if args.fsdp else model, optimizer, rank,
-                                         args.model, roles_cfg))
+            ckpts.append(save_checkpoint(args, step + 1, root, optimizer, rank, processor))
         if last:
             break
     bar.close()
@@ -640,33 +768,6 @@ def print_before_after(before, after):
         print(f"{k:28s} {before[k]:8.3f} {after.get(k, float('nan')):8.3f}")
 
 
-def merge_batches(batches):
-    """Concatenate rollout batches (one per prompt group) along the image dimension.
-
-    Show-o's trajectory rows are [cond; uncond] per group; the merged batch keeps that layout over all groups,
-    [cond_1; cond_2; ...; uncond_1; uncond_2; ...], because the replay splits its rows at B (the image count)."""
-    out = {}
-    for k, v in batches[0].items():
-        if k == "trajectory":  # per step: input_ids in the [all cond; all uncond] layout, revealed per image
-            out[k] = [dict(input_ids=cond_then_uncond([b[k][s]["input_ids"] for b in batches],
-                                                      [len(b["tokens"]) for b in batches]),
-                           revealed=torch.cat([b[k][s]["revealed"] for b in batches])) for s in range(len(v))]
-        elif k == "attention_mask":  # the trajectory's mask rows, in the same layout as its input_ids
-            out[k] = cond_then_uncond([b[k] for b in batches], [len(b["tokens"]) for b in batches])
-        elif isinstance(v, torch.Tensor):
-            out[k] = torch.cat([b[k] for b in batches])
-        elif isinstance(v, float):  # seconds
-            out[k] = sum(b[k] for b in batches)
-        else:
-            out[k] = [x for b in batches for x in b[k]]
-    return out
-
-
-def cond_then_uncond(parts, n_images):
-    """Rows [cond_g; uncond_g] of each group g (or [cond_g] alone without guidance) -> [all cond; all uncond]."""
-    if all(len(p) == n for p, n in zip(parts, n_images)):  # no guidance rows
-        return torch.cat(parts)
-    return torch.cat([p[:n] for p, n in zip(parts, n_images)] + [p[n:] for p, n in zip(parts, n_images)])
 
 
 @torch.no_grad()
@@ -680,6 +781,7 @@ def refresh_sampler(sampler, model):
         p = trained[name]
         if p.requires_grad:  # the frozen towers never change
             p_sampler.copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
+
 
 
 if __name__ == "__main__":

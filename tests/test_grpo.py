@@ -70,22 +70,33 @@ def test_group_of_one_has_zero_advantage_not_nan():
         assert torch.equal(adv, torch.zeros(2, 1))
 
 
+CAT = dict(prompt="a photo of a cat", question="What is the main item in this image?", answer="cat",
+           tag="single_object", include=[{"class": "cat", "count": 1}])
+
+
+def objective(folder, *flags):
+    """train.py's Objective for a fixture model, with train.py's arguments."""
+    import train
+    m, p = model.load_model(folder)
+    args = train.parse_args(["--model", folder, "--cfg", "2.0", "--beta", "0", *flags])
+    train.resolve_defaults(args, m)
+    return m, p, train.Objective(m, p, args)
+
+
 def test_dr_grpo_answer_denominator_is_the_budget_not_the_longest_answer(monkeypatch):
     """dr_grpo divides by B * max_completion_length (TRL), a constant; grpo_loss used to pass the longest answer
     of the batch. The answers' budget is the rollout's max new tokens."""
-    import sft
-    m, p = model.load_model(JANUS[0])
-    tasks = [dict(prompt="a photo of a cat", question="What is the main item in this image?", answer="cat",
-                  tag="single_object", include=[{"class": "cat", "count": 1}])]
-    batch = sft.rollout(m, p, tasks, 2, 2.0, generator=torch.Generator().manual_seed(0), max_answer_tokens=3)
-    batch["rewards"] = torch.tensor([0.0, 1.0])
+    m, p, obj = objective(JANUS[0], "--agg", "dr_grpo", "--max-answer-tokens", "10")
+    ro = rollout.rollout(m, p, [CAT], 2, 2.0, generator=torch.Generator().manual_seed(0), max_answer_tokens=3)
+    ro.rewards = torch.tensor([0.0, 1.0])
     seen = []
     real = grpo.policy_loss
-    monkeypatch.setattr(grpo, "policy_loss", lambda *a, **k: seen.append(k["max_len"]) or real(*a, **k))
-    grpo.grpo_loss(m, p, batch, 2, cfg_weight=2.0, agg="dr_grpo", answer_budget=10)
+    monkeypatch.setattr(grpo, "policy_loss", lambda *a, **k: seen.append(a[9]) or real(*a, **k))
+    obj.grpo(ro)
     assert seen == [m.cfg.gen_grid ** 2, 10]  # images: their token count; answers: the budget
-    with pytest.raises(ValueError, match="answer_budget"):
-        grpo.grpo_loss(m, p, batch, 2, cfg_weight=2.0, agg="dr_grpo")
+    lp, mask = torch.zeros(2, 3, requires_grad=True), torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="max_len"):
+        grpo.grpo_loss(lp, mask, torch.tensor([0.0, 1.0]), 2, agg="dr_grpo")
 
 
 def test_on_policy_gradient_is_minus_advantage_times_grad_logp():
@@ -155,6 +166,7 @@ import os  # noqa: E402
 
 import generate  # noqa: E402
 import model  # noqa: E402
+import rollout  # noqa: E402
 
 from data_paths import fixture_dirs  # noqa: E402
 
@@ -203,8 +215,8 @@ def test_grpo_raises_a_synthetic_reward_showo_masked_estimator():
     for step in range(15):
         tokens = sample(torch.Generator().manual_seed(step))
         adv = grpo.group_advantages(synthetic_reward(tokens, K)[None])[0]
-        masks = grpo.draw_showo_masks(1, G, m.config.num_vq_tokens, torch.Generator().manual_seed(step))
-        lp, covered = grpo.showo_masked_logprobs(m, p, [prompt] * G, tokens, masks)
+        masks = generate.draw_showo_masks(1, G, m.config.num_vq_tokens, torch.Generator().manual_seed(step))
+        lp, covered = generate.showo_masked_logprobs(m, p, [prompt] * G, tokens, masks)
         loss, _ = grpo.policy_loss(lp, adv, covered)
         opt.zero_grad()
         loss.backward()
@@ -215,21 +227,18 @@ def test_grpo_raises_a_synthetic_reward_showo_masked_estimator():
 
 @pytest.mark.parametrize("which", ["janus", "showo"])
 def test_old_policy_equals_on_policy_at_the_first_update(which):
-    """record_old_logprobs freezes pi_old = pi_theta (and Show-o's masks): the first update of a rollout, at
-    ratio 1, gives exactly the on-policy loss and gradient."""
-    import sft
-    folder = (JANUS if which == "janus" else SHOWO)[0]
-    m, p = model.load_model(folder)
-    tasks = [dict(prompt="a photo of a cat", question="What is the main item in this image?", answer="cat",
-                  tag="single_object", include=[{"class": "cat", "count": 1}])]
-    batch = sft.rollout(m, p, tasks, 3, 2.0, generator=torch.Generator().manual_seed(0), max_answer_tokens=3,
-                        steps=2)
-    batch["rewards"] = torch.tensor([0.0, 1.0, 0.5])  # a non-flat group
-    grpo.record_old_logprobs(m, p, batch, 3, 2.0, generator=torch.Generator().manual_seed(1))
-    with_old, _ = grpo.grpo_loss(m, p, batch, 3, cfg_weight=2.0)
+    """Recording pi_old (train.py's first of several updates on a rollout) freezes pi_old = pi_theta: the first
+    update, at ratio 1, gives exactly the on-policy loss and gradient."""
+    m, p, obj = objective((JANUS if which == "janus" else SHOWO)[0], "--showo-steps", "2")
+    ro = rollout.rollout(m, p, [CAT], 3, 2.0, generator=torch.Generator().manual_seed(0), max_answer_tokens=3,
+                         steps=2)
+    ro.rewards = torch.tensor([0.0, 1.0, 0.5])  # a non-flat group
+    obj(ro, record_old=True)
+    assert set(ro.logp_old) == {"img", "ans"}
+    with_old, _ = obj.grpo(ro)
     g_old = torch.autograd.grad(with_old, [q for q in m.parameters() if q.requires_grad], allow_unused=True)
-    on_policy = {k: v for k, v in batch.items() if k not in ("logp_old_img", "logp_old_ans")}
-    plain, _ = grpo.grpo_loss(m, p, on_policy, 3, cfg_weight=2.0)
+    ro.logp_old = None
+    plain, _ = obj.grpo(ro)
     g_plain = torch.autograd.grad(plain, [q for q in m.parameters() if q.requires_grad], allow_unused=True)
     assert with_old.item() == pytest.approx(plain.item(), abs=1e-6)
     for a, b in zip(g_old, g_plain):

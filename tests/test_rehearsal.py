@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 import generate
 import grpo
 import model
+import rollout
 import sft
 import train
 from data_paths import fixture_dirs
@@ -122,25 +123,24 @@ def test_replayed_logprobs_equal_the_samplers_over_merged_groups(model_dir):
     """Two prompt groups merged as train.py merges them: the replay of every step gives each token the log-prob
     it was drawn with (fp32). The old merge interleaved [cond_1; uncond_1; cond_2; uncond_2] and was 31 nats off."""
     m, p = model.load_model(model_dir, dtype=torch.float32)
-    tasks = [dict(prompt="a photo of a cat", question="q", tag="single_object"),
-             dict(prompt="two red dogs on a long green sofa", question="q", tag="single_object")]
-    parts = []
-    for i, task in enumerate(tasks):
-        out = generate.showo_generate(m, p, [task["prompt"]], 2, guidance_scale=2.0, timesteps=4,
-                                      generator=torch.Generator().manual_seed(i), return_logprobs=True,
-                                      decode=False, return_trajectory=True)
-        parts.append(dict(tokens=out["tokens"], sample_logprobs=out["logprobs"], trajectory=out["trajectory"],
-                          attention_mask=out["attention_mask"], tasks=[task] * 2))
-    batch = train.merge_batches(parts)
+    parts = [rollout.rollout(m, p, [task], 2, 2.0, generator=torch.Generator().manual_seed(i), max_answer_tokens=3,
+                             steps=4, trajectory=True) for i, task in enumerate(TASKS)]
+    merged = rollout.Rollout.cat(parts)
     with torch.no_grad():
-        logp, covered = grpo.showo_trajectory_logprobs(m, batch, guidance_scale=2.0)
+        logp, covered = rollout.sequence_logprobs(m, p, merged, answers=False, cfg_weight=2.0)["img"]
     assert covered.all()
-    torch.testing.assert_close(logp, batch["sample_logprobs"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logp, merged.sample_logprobs, atol=1e-5, rtol=0)
     with torch.no_grad():  # a subset of steps covers exactly the tokens those steps revealed
-        some, covered = grpo.showo_trajectory_logprobs(m, batch, guidance_scale=2.0, steps=[1, 3])
-    revealed = batch["trajectory"][1]["revealed"] | batch["trajectory"][3]["revealed"]
-    assert torch.equal(covered, revealed)
-    torch.testing.assert_close(some[covered], batch["sample_logprobs"][covered], atol=1e-5, rtol=0)
+        some, covered = rollout.sequence_logprobs(m, p, merged, answers=False, cfg_weight=2.0,
+                                                  replay_steps=[1, 3])["img"]
+    assert torch.equal(covered, merged.trajectory_revealed[1] | merged.trajectory_revealed[3])
+    torch.testing.assert_close(some[covered], merged.sample_logprobs[covered], atol=1e-5, rtol=0)
+
+
+TASKS = [dict(prompt="a photo of a cat", question="What is the main item in this image?", answer="cat",
+              tag="single_object", include=[{"class": "cat", "count": 1}]),
+         dict(prompt="a photo of two dogs", question="How many items in this image?", answer="two dogs",
+              tag="counting", include=[{"class": "dog", "count": 2}])]
 
 
 @pytest.mark.parametrize("model_dir", MODELS, ids=name)
@@ -150,18 +150,17 @@ def test_losses_do_not_depend_on_the_rank_layout(model_dir):
     random draws of the losses (CFG dropout, Show-o's masks) belong to each group's rollout."""
     m, p = model.load_model(model_dir, dtype=torch.float32)
     m.train()
-    tasks = [dict(prompt="a photo of a cat", question="What is the main item in this image?", answer="cat",
-                  tag="single_object", include=[{"class": "cat", "count": 1}]),
-             dict(prompt="a photo of two dogs", question="How many items in this image?", answer="two dogs",
-                  tag="counting", include=[{"class": "dog", "count": 2}])]
-    parts = [sft.rollout(m, p, [t], 2, 2.0, generator=torch.Generator().manual_seed(i), max_answer_tokens=3,
-                         steps=3) for i, t in enumerate(tasks)]
-    parts[0]["correct"], parts[1]["correct"] = torch.tensor([True, False]), torch.tensor([True, True])
-    parts[0]["rewards"], parts[1]["rewards"] = torch.tensor([1.0, 0.0]), torch.tensor([0.5, 1.0])
-    merged = train.merge_batches(parts)
+    args = train.parse_args(["--model", model_dir, "--cfg", "2", "--beta", "0"])
+    train.resolve_defaults(args, m)
+    objective = train.Objective(m, p, args)
+    parts = [rollout.rollout(m, p, [t], 2, 2.0, generator=torch.Generator().manual_seed(i), max_answer_tokens=3,
+                             steps=3) for i, t in enumerate(TASKS)]
+    parts[0].correct, parts[1].correct = torch.tensor([True, False]), torch.tensor([True, True])
+    parts[0].rewards, parts[1].rewards = torch.tensor([1.0, 0.0]), torch.tensor([0.5, 1.0])
+    merged = rollout.Rollout.cat(parts)
     losses = dict(
-        sft=lambda b: sft.sft_loss(m, p, b, cond_dropout=0.5, generator=torch.Generator().manual_seed(7))[0],
-        grpo=lambda b: grpo.grpo_loss(m, p, b, 2, cfg_weight=2.0, generator=torch.Generator().manual_seed(7))[0])
+        sft=lambda ro: sft.sft_loss(m, p, ro, cond_dropout=0.5, generator=torch.Generator().manual_seed(7))[0],
+        grpo=lambda ro: objective.grpo(ro)[0])
     for which, loss in losses.items():
         split = (loss(parts[0]) + loss(parts[1])) / 2
         assert float(loss(merged).detach()) == pytest.approx(float(split.detach()), abs=1e-5), which
@@ -212,7 +211,7 @@ def test_janus_roles_travel_with_every_checkpoint(tmp_path, capsys):
 def test_geneval_prompts_are_excluded_by_default_and_eval_tasks_are_held_out(tmp_path):
     args = train.parse_args(["--model", JANUS[0], "--tasks", "2000", "--eval-tasks", "200"])
     assert os.path.isfile(args.exclude) and args.exclude.startswith(ROOT)  # the copy shipped in the repository
-    tasks, eval_tasks, report = train.make_task_sets(args, toy_world=False)
+    tasks, eval_tasks, report = train.make_task_sets(args)
     geneval = {t["prompt"] for t in map(json.loads, open(args.exclude))}
     train_prompts = {t["prompt"] for t in tasks}
     assert report["excluded"] > 0 and not train_prompts & geneval
@@ -285,3 +284,22 @@ def test_torchrun_two_updates_per_rollout(model_dir, sharding, tmp_path):
     torchrun(tiny(model_dir, "grpo", multi, extra=extra + ["--prompts-per-rank", "1"]), multi, sharding)
     train.main(tiny(model_dir, "grpo", single, extra=extra + ["--prompts-per-rank", "2"]))
     assert_same_weights(final_weights(single), assert_trained(multi, model_dir), atol=1e-5)
+
+
+def test_showo_with_magvit_in_another_folder_saves_a_folder_that_loads_alone(tmp_path):
+    """README: `train.py --algo sft --model show-o --vq magvitv2`. The checkpoint it writes carries MAGVIT-v2, so
+    load_model reads it with no --vq."""
+    import shutil
+    ckpt, vq = tmp_path / "showo", tmp_path / "magvitv2"
+    shutil.copytree(SHOWO[0], ckpt)
+    vq.mkdir()
+    os.replace(ckpt / "magvit_config.json", vq / "config.json")  # the MAGVIT repo's own names
+    os.replace(ckpt / "magvit.safetensors", vq / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="MAGVIT"):
+        model.load_model(str(ckpt))
+    train.main(tiny(str(ckpt), "sft", tmp_path / "run", steps=1, extra=["--vq", str(vq)]))
+    saved = sorted(glob.glob(str(tmp_path / "run" / "step_*[0-9]")))[-1]
+    _, p = model.load_model(saved)
+    _, reference = model.load_model(str(ckpt), vq_dir=str(vq))
+    for (k, a), (_, b) in zip(p.vq.state_dict().items(), reference.vq.state_dict().items()):
+        assert torch.equal(a, b), k

@@ -7,6 +7,7 @@ import torch
 
 import generate
 import model
+import rollout
 import sft
 import understand
 from data_paths import fixture_dirs
@@ -53,7 +54,7 @@ def test_two_phase_end_to_end_gradient_equals_one_graph():
     questions, answers = ["What is this?", "How many items in this image?"], ["a red cube", "two balls"]
     noise = sft.gumbel_noise((2, tokens.shape[1], m.cfg.gen_vocab_size), torch.Generator().manual_seed(1))
 
-    one_graph_loss = sft.end_to_end_mmu_loss(m, p, prompts, tokens, questions, answers, tau=0.5, noise=noise)
+    one_graph_loss = sft.janus_end_to_end_mmu_loss(m, p, prompts, tokens, questions, answers, tau=0.5, noise=noise)
     one_graph_loss.backward()
     reference = {n: prm.grad.clone() for n, prm in m.named_parameters() if prm.grad is not None}
     m.zero_grad(set_to_none=True)
@@ -90,14 +91,14 @@ def test_sft_loss_trains_t2i_only_on_verified_images():
     m, p = perturbed_janus()
     tasks = [dict(prompt="a photo of a cat", question="What is the main item in this image?", answer="cat",
                   tag="single_object", include=[{"class": "cat", "count": 1}])]
-    batch = sft.rollout(m, p, tasks, 2, generator=torch.Generator().manual_seed(0))
-    assert batch["tokens"].shape[0] == 2 and len(batch["answers"]) == 2
-    batch["correct"] = torch.tensor([True, False])
+    batch = rollout.rollout(m, p, tasks, 2, generator=torch.Generator().manual_seed(0))
+    assert batch.tokens.shape[0] == 2 and len(batch.answers) == 2
+    batch.correct = torch.tensor([True, False])
     loss, stats = sft.sft_loss(m, p, batch, mmu_filter="verified")
     assert stats["kept"] == 0.5 and "loss_t2i" in stats and "loss_mmu" in stats
     expected = 0.5 * stats["loss_t2i"] + 0.5 * stats["loss_mmu"]  # each term weighs kept / B
     assert loss.item() == pytest.approx(expected, rel=1e-5)
-    batch["correct"] = torch.tensor([False, False])
+    batch.correct = torch.tensor([False, False])
     loss, stats = sft.sft_loss(m, p, batch, mmu_filter="verified")
     assert loss.item() == 0.0 and "loss_t2i" not in stats and "loss_mmu" not in stats
     loss.backward()  # nothing kept: the forwards still ran (weight 0), so every rank runs the same modules
@@ -116,7 +117,7 @@ def test_showo_end_to_end_answer_loss_reaches_generation():
     m, p = model.load_model(SHOWO_DIRS[0])
     tokens = generate.showo_generate(m, p, ["a cat", "a dog"], 1, timesteps=2, decode=False)["tokens"]
     questions, answers = ["What is this?", "How many items in this image?"], ["a cat", "one dog"]
-    loss = sft.end_to_end_mmu_loss(m, p, ["a cat", "a dog"], tokens, questions, answers)
+    loss = sft.showo_end_to_end_mmu_loss(m, p, ["a cat", "a dog"], tokens, questions, answers)
     with torch.no_grad():
         discrete = sft.mmu_loss(*understand.showo_answer_logprobs(m, p, tokens, questions, answers))
     assert loss.item() == pytest.approx(float(discrete), abs=1e-5)

@@ -136,7 +136,7 @@ def test_shipped_checkpoint_loads_and_draws(shipped):
 
 
 def test_shipped_judge_reads_rendered_scenes(shipped):
-    from understand import self_check
+    from rollout import self_check
     model, proc = shipped
     rng = random.Random(6)
     tasks, images, truth = [], [], []
@@ -146,12 +146,12 @@ def test_shipped_judge_reads_rendered_scenes(shipped):
             tasks.append(t)
             images.append(toy.to_pixels(toy.render(s)))
             truth.append(toy.judge(toy.render(s), t))
-    said = self_check(model, proc, torch.stack(images), tasks)["correct"].tolist()
+    said = self_check(model, proc, tasks, torch.stack(images))["correct"].tolist()
     agree = np.mean([a == b for a, b in zip(said, truth)])
     assert agree >= 0.9, agree
 
 
-@pytest.mark.parametrize("reward_kind", ["oracle", "self"])
+@pytest.mark.parametrize("reward_kind", ["toy:exact_reward", "self"])
 def test_short_grpo_run_improves_toy_geneval(reward_kind, tmp_path):
     """The embedded main job in miniature: a few seeded GRPO steps on the shipped checkpoint raise toy-GenEval,
     with the exact evaluator as reward and with the model's own (frozen) judge."""

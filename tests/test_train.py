@@ -3,6 +3,7 @@ batch, for both algorithms; an interrupted and resumed run equals an uninterrupt
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -145,3 +146,75 @@ def test_numeric_flags_are_validated_naming_the_flag(flag, value, tmp_path, caps
     with pytest.raises(SystemExit) as e:
         train.parse_args(["--model", JANUS[0], "--out", str(tmp_path), flag, value])
     assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------------------------------------
+# the checkpoint's own defaults (train_defaults.json) and the plug-ins (--task-source, --reward, --eval)
+
+
+def folder_with_defaults(tmp_path, defaults):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(JANUS[0], folder)
+    (folder / "train_defaults.json").write_text(json.dumps(defaults))
+    return str(folder)
+
+
+def test_a_checkpoints_defaults_replace_the_papers_and_flags_still_win(tmp_path):
+    folder = folder_with_defaults(tmp_path, {"lr": 0.002, "frozen_judge": True, "_note": "why", "grpo": {"beta": 0.0},
+                                             "sft": {"logp": "cfg"}})
+    args = train.parse_args(["--model", folder])
+    assert (args.lr, args.frozen_judge, args.beta, args.logp) == (0.002, True, 0.0, "cond")
+    assert args.defaults_file == os.path.join(folder, "train_defaults.json")
+    assert train.parse_args(["--model", folder, "--algo", "sft"]).logp == "cfg"
+    assert train.parse_args(["--model", folder, "--lr", "0.5", "--no-frozen-judge"]).lr == 0.5
+    assert not train.parse_args(["--model", folder, "--no-frozen-judge"]).frozen_judge
+    assert train.parse_args(["--model", JANUS[0]]).lr == 1e-5  # no file: the paper's
+
+
+@pytest.mark.parametrize("bad", [{"lrr": 1}, {"lr": -1}, {"lr": "fast"}, {"frozen_judge": "yes"}, {"optimize": "all"},
+                                 {"model": "elsewhere"}, ["lr", 1]])
+def test_a_bad_defaults_file_is_one_error_naming_file_and_key(tmp_path, capsys, bad):
+    folder = folder_with_defaults(tmp_path, bad)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--model", folder])
+    assert "train_defaults.json" in capsys.readouterr().err
+
+
+def test_the_toy_folder_carries_the_toy_worlds_defaults():
+    args = train.parse_args([])
+    assert args.model == train.TOY_CHECKPOINT and args.defaults_file
+    assert (args.lr, args.cfg, args.beta, args.optimize, args.minutes) == (1e-4, 2.0, 0.02, "t2i", 10.0)
+    assert (args.task_source, args.eval, args.exclude) == ("toy:make_toy_tasks", "toy:evaluate", None)
+    assert args.logp == "cond" and train.parse_args(["--algo", "sft"]).logp == "cfg"
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("peak learning rate (default: 1e-05)", "(default: 0.2)", "(default: geneval)", "(default: selfcheck)",
+                  "train_defaults.json"):
+        assert shown in text, shown
+
+
+def test_plugin_reward_eval_and_tasks_reach_the_run(tmp_path):
+    """The rewards in the log are the plug-in's (1 for the first image of each group of 3: mean 1/3), the eval
+    hook runs at step 0 and every --eval-every steps, and the tasks are the plug-in's."""
+    import plugins
+    plugins.CALLS.clear()
+    train.main(common(tmp_path, "grpo") + ["--reward", "plugins:first_image_wins", "--eval", "plugins:count_calls",
+                                           "--eval-every", "1", "--eval-tasks", "5", "--task-source",
+                                           "plugins:two_tasks"])
+    lines = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [line.get("hook_calls") for line in lines] == [1.0, 2.0, 3.0] and lines[0]["hook_tasks"] == 5.0
+    for line in lines[1:]:
+        assert line["reward"] == pytest.approx(1 / 3)
+        assert set(k for k in line if k.startswith("reward_") and k != "reward_std") <= {"reward_single_object",
+                                                                                        "reward_counting"}
+
+
+@pytest.mark.parametrize("flag", ["--reward", "--eval", "--task-source"])
+def test_an_unknown_plugin_fails_before_any_model_is_loaded(flag, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.main(common(tmp_path, "grpo") + [flag, "plugins:no_such_function"])
+    assert "no_such_function" in capsys.readouterr().err and not os.path.exists(tmp_path / "log.jsonl")

@@ -10,6 +10,7 @@ import torch
 import generate
 import model
 import reward
+import rollout
 import understand
 from data_paths import ROOT, fixture_dirs
 
@@ -64,11 +65,11 @@ def test_self_check_rewards_are_the_slot_scores_of_the_answers():
     m, p = model.load_model(JANUS[0])
     tasks = reward.make_tasks(4, seed=0)
     images = generate.janus_generate(m, p, [t["prompt"] for t in tasks], 1, greedy=True)["images"]
-    out = understand.self_check(m, p, images, tasks, max_new_tokens=6)
+    out = rollout.self_check(m, p, tasks, images, max_new_tokens=6)
     for ans, task, r, ok in zip(out["answers"], tasks, out["rewards"], out["correct"]):
         matched, total = reward.slots(ans, task)
         assert float(r) == matched and bool(ok) == (matched == total)
-    norm = understand.self_check(m, p, images, tasks, max_new_tokens=6, normalize=True)
+    norm = rollout.self_check(m, p, tasks, images, max_new_tokens=6, normalize=True)
     for ans, task, r in zip(norm["answers"], tasks, norm["rewards"]):
         assert float(r) == pytest.approx(reward.score(ans, task))
     eos = p.ids["eos"]
