@@ -11,6 +11,9 @@ computes the text prefix once, and can return log pi(code_t | prefix) of every s
 Show-o: MaskGIT. All N image tokens start masked; each of T steps predicts every masked token at once, samples
 it, and re-masks the floor(N * cos(pi/2 * (s+1)/T)) least confident, with guidance (1 + g) l_cond - g l_uncond.
 
+sample() is the one entry for both families. Beside each sampler lives its training twin, the log-probs of given
+codes with grad: Janus teacher-forced (exact), Show-o the masked-token estimator or a replay of the recorded steps.
+
 Usage:
     python generate.py --model DIR --prompt "a photo of two cats" --n 16 --cfg 5 --seed 0 --out out/
 """

@@ -4,7 +4,8 @@ The unified models, in plain PyTorch, loading the real checkpoints exactly.
 Janus / Janus-Pro (deepseek-ai): one LLaMA decoder reads two kinds of image input.
     understanding:  pixels -> SigLIP ViT -> MLP aligner -> LLM embeddings
     generation:     code c -> gen_aligner(gen_embed[c]) -> LLM -> gen_head(h) = logits over the VQ codebook
-    VQ-16 (LlamaGen) turns codes back into pixels: x = Decoder(post_quant_conv(normalize(E)[codes])).
+    VQ-16 (LlamaGen) turns codes back into pixels: x = Decoder(post_quant_conv(normalize(E)[codes])), or the
+    image tokenizer a config.json names as "module:Class" (the toy world's palette, toy.py).
 
 Show-o (showlab) lives further down: one Phi-1.5 decoder over [text vocab | specials | image codes | mask],
 with MAGVIT-v2 (LFQ) as its image tokenizer.
@@ -937,7 +938,6 @@ def janus_hf_to_original(sd):
             raise CheckpointError(f"{name}: the HF checkpoint holds only {sorted(parts)} of q/k/v")
         out[name] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     return out
-
 
 
 # -----------------------------------------------------------------------------------------------------------

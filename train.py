@@ -85,7 +85,6 @@ COUNT, NONNEG, POSITIVE, FRACTION = number(int, low=1), number(int, low=0), numb
 NONNEG_F = number(float, low=0)
 
 
-
 #####
 
 
@@ -294,7 +293,6 @@ def gather_means(stats, tags, rewards):
     return out
 
 
-
 class Objective(nn.Module):
     """The loss as a module, so that DDP / FSDP see one forward per step (their hooks live on forward)."""
 
@@ -359,7 +357,6 @@ def lr_at(step, args):
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-
 def set_trainable(model):
     """Janus: train the LLM and the generation embedding/heads; keep the VQ tokenizer, SigLIP and the aligner frozen
     (method.md section 8 defaults; understanding features are detached in GRPO anyway). Show-o: the whole
@@ -369,12 +366,10 @@ def set_trainable(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-
 def task_generator(args, step, slot, device):
     """The RNG of one prompt group: a function of (seed, step, slot) only, never of the rank layout. It lives on
     the device, so samplers draw from it without host round trips."""
     return torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * 10_007 + slot)
-
 
 
 def resolve_defaults(args, model):
@@ -768,8 +763,6 @@ def print_before_after(before, after):
         print(f"{k:28s} {before[k]:8.3f} {after.get(k, float('nan')):8.3f}")
 
 
-
-
 @torch.no_grad()
 def refresh_sampler(sampler, model):
     """Copy the trained weights into the sampler copy, in place (CUDA-graph addresses stay valid; copy_ casts to
@@ -781,7 +774,6 @@ def refresh_sampler(sampler, model):
         p = trained[name]
         if p.requires_grad:  # the frozen towers never change
             p_sampler.copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
-
 
 
 if __name__ == "__main__":

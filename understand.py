@@ -18,7 +18,6 @@ import argparse
 import os
 
 import torch
-import torch.nn.functional as F
 
 from model import MASK_MIN, attention_bias, janus_inputs_embeds, load_model, mmu_attention_mask, mmu_prompt, \
     reusable_cache

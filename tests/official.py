@@ -6,7 +6,7 @@ its own losses (sft.py, grpo.py); these stay here so that the fixtures check the
 import torch
 import torch.nn.functional as F
 
-from model import BLOCKED, IGNORE_ID, _additive, _with_bos
+from model import IGNORE_ID, _additive, _with_bos
 
 # show-o-w-clip-vit's (llava-style) system prompt
 SHOWO_SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. "

@@ -161,8 +161,6 @@ def test_masked_tokens_get_no_gradient():
 # The machinery end to end on a tiny model: sampling -> synthetic reward -> advantages -> teacher-forced
 # log-probs -> update. The reward counts image codes in the first quarter of the codebook.
 
-import glob  # noqa: E402
-import os  # noqa: E402
 
 import generate  # noqa: E402
 import model  # noqa: E402

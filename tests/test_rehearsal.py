@@ -16,8 +16,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import generate
-import grpo
 import model
 import rollout
 import sft

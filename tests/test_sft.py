@@ -1,6 +1,5 @@
 """SFT losses: straight-through Gumbel-softmax, the two-phase end-to-end backward against one autograd graph,
 the T2I and MMU losses by hand, and the non-end-to-end recipe's filtering."""
-import os
 
 import pytest
 import torch
