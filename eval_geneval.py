@@ -25,7 +25,8 @@ sections 3-5). results.jsonl carries the official keys, so the official summary_
 detector and CLIP ViT-L-14 colour classifier plugged in; the built-in ScriptedDetector and PaletteColours are for
 tests and toy runs (their names are written into every result row and printed by `summary`).
 
-    python eval_geneval.py generate --model DIR --metadata evaluation_metadata.jsonl --outdir OUT --n 4 --seed 0
+    python eval_geneval.py generate --model DIR --metadata evaluation_metadata.jsonl --outdir OUT --n-samples 4 --seed 0
+    torchrun --nproc_per_node=8 eval_geneval.py generate ...    # prompts split over ranks, the same images
     python eval_geneval.py score --imagedir OUT --outfile OUT/results.jsonl [--detector mymodule:MyDetector]
     python eval_geneval.py summary OUT/results.jsonl
     python eval_geneval.py selfcheck --model DIR --metadata evaluation_metadata_qa.jsonl --imagedir OUT \
@@ -382,42 +383,88 @@ def print_summary(s):
 # generate: the model samples images into the official layout; selfcheck: the model judges its own images
 
 
+def distributed(device=None):
+    """(rank, world, device, started): torchrun's process group if launched by it (nccl on CUDA, gloo on CPU),
+    else one process. started: whether this call initialised the group (and so should destroy it)."""
+    import torch
+    import torch.distributed as dist
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if "RANK" not in os.environ:
+        return 0, 1, device, False
+    started = not dist.is_initialized()
+    if str(device).startswith("cuda"):
+        local = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+        if started:
+            dist.init_process_group("nccl", device_id=torch.device(device))
+    elif started:
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device, started
+
+
+RECIPE = ("model", "metadata", "images_per_prompt", "cfg_weight", "temperature", "showo_steps", "seed",
+          "prompts_per_call")
+
+
 def generate_images(model_dir, metadata_path, outdir, n=4, batch=16, seed=0, cfg_weight=5.0, temperature=1.0,
                     steps=50, device=None, vq_dir=None):
     """OUT/<index:05d>/{metadata.jsonl, samples/<k:05d>.png, grid.png, codes.npy} for every prompt of a metadata
     jsonl (codes.npy: the image tokens, so Show-o's self-check reads its own tokens; GenEval ignores the file).
 
-    Resumable: a prompt whose n samples exist is skipped. Each prompt's images are seeded by (seed, index), so a
-    resumed or re-batched run writes the same images. The sampling recipe goes to OUT/config.json.
+    Prompts go in chunks of max(1, batch // n) consecutive indices; a chunk is one sampler call (a prompt with more
+    than `batch` images: several calls) with its own generator, seeded by (seed, the chunk's first index). Under
+    torchrun rank r takes chunks r, r + world, ...: the images depend on the recipe alone, never on the number of
+    ranks or on what ran before. Resumable: a chunk whose prompts all have n samples is skipped; a folder made
+    with another recipe (OUT/config.json) is refused. Returns the number of prompt folders this rank wrote.
     """
     import torch
+    import torch.distributed as dist
     from generate import sample, save_images
     from model import load_model
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world, device, started = distributed(device)
     rows = [json.loads(line) for line in open(metadata_path) if line.strip()]
-    os.makedirs(outdir, exist_ok=True)
+    per_call = max(1, batch // n)
     config = dict(model=os.path.abspath(model_dir), metadata=os.path.abspath(metadata_path), images_per_prompt=n,
                   cfg_weight=cfg_weight, temperature=temperature, showo_steps=steps, seed=seed,
-                  seed_policy="torch.Generator seeded with seed * 100003 + prompt index, per prompt")
-    json.dump(config, open(os.path.join(outdir, "config.json"), "w"), indent=1)
-    todo = [i for i in range(len(rows)) if len(glob_samples(os.path.join(outdir, f"{i:05d}", "samples"))) < n]
-    if not todo:
-        return 0
-    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    model, processor = load_model(model_dir, device=device, dtype=dtype, vq_dir=vq_dir)
-    for i in tqdm(todo, desc="geneval prompts"):
-        # each prompt has its own generator, so its images depend neither on the batching nor on what ran before
-        g = torch.Generator(device).manual_seed(seed * 100003 + i)
-        chunks = [sample(model, processor, [rows[i]["prompt"]], min(batch, n - k), cfg_weight, temperature, g,
-                         steps=steps) for k in range(0, n, batch)]
-        out = {key: torch.cat([c[key] for c in chunks]) for key in ("tokens", "images")}
-        folder = os.path.join(outdir, f"{i:05d}")
-        os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
-        with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
-            f.write(json.dumps(rows[i]) + "\n")  # exactly one JSON object, as the evaluator loads it
-        np.save(os.path.join(folder, "codes.npy"), out["tokens"].cpu().numpy())
-        save_images(out["images"], os.path.join(folder, "samples"), os.path.join(folder, "grid.png"))
-    return len(todo)
+                  prompts_per_call=per_call, seed_policy="a torch.Generator per chunk of prompts_per_call prompts, "
+                                                          "seeded with seed * 100003 + the chunk's first index")
+    path = os.path.join(outdir, "config.json")
+    if os.path.isfile(path):  # resuming: the images already there must have come from this recipe
+        old = json.load(open(path))
+        changed = [f"{k} {old.get(k)!r} -> {config[k]!r}" for k in RECIPE if old.get(k) != config[k]]
+        if changed:
+            raise SystemExit(f"{outdir} holds images of another recipe ({', '.join(changed)}): use another --outdir")
+    if rank == 0:
+        os.makedirs(outdir, exist_ok=True)
+        json.dump(config, open(path, "w"), indent=1)
+    chunks = [list(range(c, min(c + per_call, len(rows)))) for c in range(0, len(rows), per_call)]
+    done = lambda i: len(glob_samples(os.path.join(outdir, f"{i:05d}", "samples"))) >= n
+    todo = [c for k, c in enumerate(chunks) if k % world == rank and not all(map(done, c))]
+    written = 0
+    if todo:
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+        model, processor = load_model(model_dir, device=device, dtype=dtype, vq_dir=vq_dir)
+    for chunk in tqdm(todo, desc="geneval prompt chunks", disable=rank != 0):
+        g = torch.Generator(device).manual_seed(seed * 100003 + chunk[0])
+        prompts = [rows[i]["prompt"] for i in chunk]
+        calls = [sample(model, processor, prompts, min(batch, n - k) if len(chunk) == 1 else n, cfg_weight,
+                        temperature, g, steps=steps) for k in range(0, n, batch if len(chunk) == 1 else n)]
+        out = {key: torch.cat([c[key] for c in calls]) for key in ("tokens", "images")}  # prompt-major
+        for j, i in enumerate(chunk):
+            folder = os.path.join(outdir, f"{i:05d}")
+            os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
+            with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
+                f.write(json.dumps(rows[i]) + "\n")  # exactly one JSON object, as the evaluator loads it
+            np.save(os.path.join(folder, "codes.npy"), out["tokens"][j * n:(j + 1) * n].cpu().numpy())
+            save_images(out["images"][j * n:(j + 1) * n], os.path.join(folder, "samples"),
+                        os.path.join(folder, "grid.png"))
+            written += 1
+    if world > 1:
+        dist.barrier()
+    if started:
+        dist.destroy_process_group()
+    return written
 
 
 def glob_samples(folder):
@@ -436,10 +483,11 @@ def self_check_folder(model_dir, imagedir, qa_path, results_path=None, reference
     ratio          Acc(MMU|T2I) / Acc(T2I|MMU) (near 1 = balanced); gap = their difference
     """
     import torch
+    import torch.distributed as dist
     import reward
     from model import load_model
     from rollout import self_check
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world, device, started = distributed(device)
     qa = reward.load_tasks(qa_path)
     model, processor = load_model(model_dir, device=device, vq_dir=vq_dir,
                                   dtype=torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
@@ -454,14 +502,22 @@ def self_check_folder(model_dir, imagedir, qa_path, results_path=None, reference
         return None
 
     def judge_folder(folder):
+        """{relative path: verdict} of every sample; under torchrun each rank judges every world-th prompt and
+        the verdicts are gathered."""
         verdicts = {}
-        for path, meta in tqdm(find_samples(folder), desc=f"selfcheck {os.path.basename(folder)}"):
+        for path, meta in tqdm(find_samples(folder), desc=f"selfcheck {os.path.basename(folder)}", disable=rank != 0):
             index = int(os.path.basename(os.path.dirname(os.path.dirname(path))))
+            if index % world != rank:
+                continue
             task = qa[index]
             out = self_check(model, processor, [task], [Image.open(path).convert("RGB")], saved_codes(path),
                              max_new_tokens)
             verdicts[os.path.relpath(path, folder)] = dict(index=index, tag=task["tag"], answer=out["answers"][0],
                                                            correct=bool(out["correct"][0]))
+        if world > 1:
+            parts = [None] * world
+            dist.all_gather_object(parts, verdicts)
+            verdicts = {k: v for part in parts for k, v in part.items()}
         return verdicts
 
     def detector_verdicts(path):
@@ -484,9 +540,12 @@ def self_check_folder(model_dir, imagedir, qa_path, results_path=None, reference
         a, b = out["acc_mmu_given_t2i"]["overall"], out["acc_t2i_given_mmu"]["overall"]
         out["ratio"] = a / b if b else float("nan")
         out["gap"] = a - b
-    with open(os.path.join(imagedir, "selfcheck.jsonl"), "w") as f:
-        for name, v in sorted(own.items()):
-            f.write(json.dumps(dict(filename=name, **v, detector_correct=own_det.get(name))) + "\n")
+    if rank == 0:
+        with open(os.path.join(imagedir, "selfcheck.jsonl"), "w") as f:
+            for name, v in sorted(own.items()):
+                f.write(json.dumps(dict(filename=name, **v, detector_correct=own_det.get(name))) + "\n")
+    if started:
+        dist.destroy_process_group()
     return out
 
 
@@ -507,8 +566,10 @@ def main(argv=None):
     p.add_argument("--metadata", default=os.path.join(GENEVAL_DATA, "evaluation_metadata.jsonl"),
                    help="GenEval evaluation_metadata.jsonl (default: the copy in data/geneval)")
     p.add_argument("--outdir", required=True)
-    p.add_argument("--n", type=int, default=4, help="images per prompt (GenEval: 4)")
-    p.add_argument("--batch", type=int, default=16, help="images per sampler call")
+    # not --n: torchrun would take it for an abbreviation of its own --nnodes / --nproc-per-node
+    p.add_argument("--n-samples", "--n_samples", dest="n", type=int, default=4, help="images per prompt (GenEval: 4)")
+    p.add_argument("--batch", type=int, default=16,
+                   help="images per sampler call: batch // n prompts share one (n > batch: one prompt, several calls)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cfg", type=float, default=5.0)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -550,11 +611,12 @@ def main(argv=None):
             sys.exit(f"--model {args.model!r} is not a folder")
         done = generate_images(args.model, args.metadata, args.outdir, args.n, args.batch, args.seed, args.cfg,
                                args.temperature, args.steps, vq_dir=args.vq)
-        print(f"generated {done} prompt folders in {args.outdir} (the others were already complete)")
+        print(f"rank {os.environ.get('RANK', 0)}: generated {done} prompt folders in {args.outdir} (the others were "
+              "already complete, or another rank's)")
     elif args.command == "selfcheck":
         out = self_check_folder(args.model, args.imagedir, args.metadata, args.results, args.reference_dir,
                                 args.reference_results, vq_dir=args.vq)
-        for name, value in out.items():
+        for name, value in out.items() if os.environ.get("RANK", "0") == "0" else ():
             print(f"{name}: {json.dumps(value) if isinstance(value, dict) else f'{value:.4f}'}")
     elif args.command == "summary":
         rows = read_results(args.results)

@@ -458,19 +458,20 @@ def showo_trajectory_logprobs(model, trajectory_ids, revealed, attention_mask, t
 
 def save_images(images, out_dir, grid_path=None):
     """uint8 [B, H, W, 3] -> out_dir/00000.png ... and a near-square grid (default out_dir/grid.png); returns the
-    file paths."""
+    file paths. Images smaller than plot.MIN_SIDE (the toy world's 8 x 8) are upscaled, nearest neighbour."""
     from PIL import Image
+    from plot import visible
     os.makedirs(out_dir, exist_ok=True)
+    pictures = [visible(im) for im in images.cpu().numpy()]
     paths = []
-    for i, im in enumerate(images.cpu().numpy()):
+    for i, picture in enumerate(pictures):
         paths.append(os.path.join(out_dir, f"{i:05d}.png"))
-        Image.fromarray(im).save(paths[-1])
-    B, H, W, _ = images.shape
-    cols = max(1, int(B ** 0.5 + 0.5))
-    rows = -(-B // cols)
-    grid = Image.new("RGB", (cols * W, rows * H))
-    for i, im in enumerate(images.cpu().numpy()):
-        grid.paste(Image.fromarray(im), ((i % cols) * W, (i // cols) * H))
+        picture.save(paths[-1])
+    W, H = pictures[0].size
+    cols = max(1, int(len(pictures) ** 0.5 + 0.5))
+    grid = Image.new("RGB", (cols * W, -(-len(pictures) // cols) * H))
+    for i, picture in enumerate(pictures):
+        grid.paste(picture, ((i % cols) * W, (i // cols) * H))
     grid.save(grid_path or os.path.join(out_dir, "grid.png"))
     return paths
 

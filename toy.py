@@ -58,9 +58,9 @@ from collections import Counter, namedtuple
 
 import numpy as np
 import torch
-from PIL import Image
-
 import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
 
 import eval_geneval
 import reward
@@ -398,18 +398,25 @@ def exact_reward(tasks, tokens, images):
             [judge(c, t) for c, t in zip(tokens.cpu(), tasks)])
 
 
+def exact_verdict(tasks, tokens, images):
+    """train.py verdict plug-in (--verdict toy:exact_verdict): GenEval's exact verdict on each sampled image, shown
+    under it in OUT/samples/*.png beside the model's own answer and reward."""
+    return [judge(c, t) for c, t in zip(tokens.cpu(), tasks)]
+
+
 def evaluate(model, processor, args, judge_model=None):
     """train.py evaluation hook (train_defaults.json: "eval": "toy:evaluate"): exact toy-GenEval of 2 images per
     held-out task (seeded apart from the training tasks), and how often the judge's "correct" is really correct."""
     tasks = make_toy_tasks(args.eval_tasks, 10_000 + args.seed)
-    res = toy_geneval(model, processor, tasks, 2, args.cfg, args.seed, with_judge=True, judge_model=judge_model)
+    res = toy_geneval(model, processor, tasks, 2, args.cfg, args.seed, with_judge=True, judge_model=judge_model,
+                      progress=True)
     return dict(toy_geneval=res["overall"], **{f"toy_geneval_{t}": v for t, v in res["per_tag"].items()},
                 judge_precision=res["judge"]["all"]["precision"], judge_recall=res["judge"]["all"]["recall"])
 
 
 @torch.no_grad()
 def toy_geneval(model, processor, tasks, images_per_task=4, cfg=2.0, seed=0, with_judge=False, batch=64,
-                judge_model=None):
+                judge_model=None, progress=False):
     """Toy-GenEval: generate, judge exactly; overall = unweighted mean over tags (as GenEval).
     with_judge: also the model's self-check (rollout.self_check) against judge(): precision of its
     "correct" verdicts and recall of the truly correct images, per tag and pooled. judge_model: the model that
@@ -419,7 +426,7 @@ def toy_geneval(model, processor, tasks, images_per_task=4, cfg=2.0, seed=0, wit
     gen = torch.Generator().manual_seed(seed)
     rows = []  # (tag, truly correct, self-judged correct)
     per_call = max(1, batch // images_per_task)
-    for i in range(0, len(tasks), per_call):
+    for i in tqdm(range(0, len(tasks), per_call), desc="toy-GenEval", leave=False, disable=not progress):
         chunk = tasks[i:i + per_call]
         out = janus_generate(model, processor, [t["prompt"] for t in chunk], images_per_task, cfg, generator=gen)
         flat = [t for t in chunk for _ in range(images_per_task)]
@@ -506,7 +513,7 @@ def toy_config(vocab_size, hidden=128, layers=4, heads=4, vit_width=64, vit_laye
 TRAIN_DEFAULTS = dict(lr=1e-4, warmup=5, steps=100_000, minutes=10.0, cfg=2.0, beta=0.02, optimize="t2i",
                       prompts_per_rank=8, frozen_judge=True, skip_flat_groups=True, eval_every=25, eval_tasks=120,
                       reward_normalize=True, task_source="toy:make_toy_tasks", eval="toy:evaluate", exclude="none",
-                      sft=dict(logp="cfg"))
+                      sample_every=25, verdict="toy:exact_verdict", sft=dict(logp="cfg"))
 
 
 def write_checkpoint_files(out):
@@ -624,7 +631,6 @@ def pretrain(out, phases=(1000, 1500, 1000), batch=64, lr=2e-3, seed=0, eval_eve
     understanding-only calibration of 2000 steps let drawing decay (toy-GenEval 0.29 -> 0.09) and the judge
     with it (precision 0.73 on those broken drawings).
     """
-    from tqdm import tqdm
     write_checkpoint_files(out)
     model, processor = fresh_model(out, seed)
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)

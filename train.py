@@ -51,8 +51,10 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import grpo
+import plot
 import reward
 import sft
+from generate import sample
 from model import import_named, load_model
 from rollout import Rollout, replay_subset, rollout, sequence_logprobs
 
@@ -142,6 +144,14 @@ def build_parser():
                          "a plug-in module:function, (model, processor, args, judge_model) -> {name: float}")
     ap.add_argument("--eval-every", type=NONNEG, default=0, help="evaluation hook every N steps (0 = off)")
     ap.add_argument("--eval-tasks", type=COUNT, default=48, help="held-out tasks of the evaluation hook")
+    ap.add_argument("--sample-every", type=NONNEG, default=100,
+                    help="every N steps (and at step 0 and the end) OUT/samples/step_N.png and samples.jsonl: the "
+                         "images of --sample-groups groups with their answers and rewards; plus OUT/before_after.png "
+                         "at the end (0 = none of these)")
+    ap.add_argument("--sample-groups", type=COUNT, default=4, help="prompt groups per sample sheet")
+    ap.add_argument("--verdict", default="none",
+                    help="a plug-in module:function, (tasks, tokens, images) -> [bool]: an exact verdict shown under "
+                         "each sampled image (the toy world's evaluator); none = no verdict")
     ap.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --out")
     ap.add_argument("--overwrite", action="store_true",
                     help="start afresh in an --out that holds a run (its checkpoints and log are deleted)")
@@ -244,13 +254,15 @@ def parse_args(argv=None):
     elif not os.path.isfile(args.exclude):
         ap.error(f"--exclude {args.exclude!r} is not a file: without it GenEval's test prompts can become training "
                  "prompts. Point it at evaluation_metadata.jsonl (data/geneval/ ships one), or say --exclude none")
-    for flag, builtin in (("task_source", "geneval"), ("reward", "self"), ("eval", "selfcheck")):
+    for flag, builtin in (("task_source", "geneval"), ("reward", "self"), ("eval", "selfcheck"), ("verdict", "none")):
         value = getattr(args, flag)
         if value != builtin:  # a plug-in: load it now, so that a typo fails before any model is loaded
             try:
                 import_named(value)
             except ValueError as e:
                 ap.error(f"--{flag.replace('_', '-')} {value!r}: {e}")
+    if args.eval != "selfcheck" and not args.eval_every:
+        ap.error(f"--eval {args.eval} would never run: --eval-every is 0 (off); give it a period")
     if args.group_size == 1 and args.algo == "grpo":
         ap.error("--group-size 1: GRPO's advantages compare the images of one prompt; a group of one has none")
     return args
@@ -607,30 +619,67 @@ def weights_finite(params):
 
 
 @torch.no_grad()
-def self_check_eval(model, processor, tasks, args, device):
+def self_check_eval(model, processor, tasks, args, device, rank=0, world=1):
     """The built-in eval hook: one image per held-out task, judged by the model itself; accuracy overall and per
-    tag."""
-    correct = []
-    for i, task in enumerate(tasks):
-        ro = rollout(model, processor, [task], 1, args.cfg, args.sample_temperature,
+    tag. Each rank takes every world-th task (seeded by its index, so the split changes nothing), and the counts
+    are summed on the device."""
+    tags = list(dict.fromkeys([t for t in reward.TAGS] + sorted({t["tag"] for t in tasks})))
+    counts = torch.zeros(2, len(tags), device=device)  # [correct, seen] per tag
+    for i in tqdm(range(rank, len(tasks), world), desc="eval", leave=False, disable=rank != 0):
+        ro = rollout(model, processor, [tasks[i]], 1, args.cfg, args.sample_temperature,
                      torch.Generator(device).manual_seed(i), args.max_answer_tokens, steps=args.showo_steps)
-        correct.append(bool(ro.correct[0]))
-    per_tag = {}
-    for task, ok in zip(tasks, correct):
-        per_tag.setdefault(task["tag"], []).append(ok)
-    return dict(selfcheck=sum(correct) / len(correct), **{f"selfcheck_{t}": sum(v) / len(v) for t, v in per_tag.items()})
+        counts[:, tags.index(tasks[i]["tag"])] += torch.tensor([float(ro.correct[0]), 1.0], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    correct, seen = counts.tolist()
+    return dict(selfcheck=sum(correct) / max(1, sum(seen)),
+                **{f"selfcheck_{t}": c / n for t, c, n in zip(tags, correct, seen) if n})
 
 
-def make_evaluator(args, sampler, processor, judge, eval_tasks, device):
-    """() -> {name: float} of the current sampler: --eval's plug-in, or the built-in self-check."""
+def make_evaluator(args, sampler, processor, judge, eval_tasks, device, rank, world):
+    """() -> {name: float} of the current sampler, on every rank: the built-in self-check runs sharded over the
+    ranks; a plug-in hook (--eval) runs on rank 0 alone (the others get {})."""
     hook = None if args.eval == "selfcheck" else import_named(args.eval)
 
     def evaluate():
         sampler.eval()
         if hook is not None:
-            return hook(sampler, processor, args, judge)
-        return self_check_eval(sampler, processor, eval_tasks, args, device)
+            return hook(sampler, processor, args, judge) if rank == 0 else {}
+        return self_check_eval(sampler, processor, eval_tasks, args, device, rank, world)
     return evaluate
+
+
+def write_samples(args, step, ro, verdict_fn):
+    """Rank 0: the first --sample-groups prompt groups of a rollout as OUT/samples/step_XXXXXXX.png (the prompt as
+    a title, the group's images in a row, under each its answer, reward and verdict) and the same as lines of
+    OUT/samples.jsonl. step: how many updates the drawing model had."""
+    G = ro.group_size
+    n = min(args.sample_groups, len(ro) // G) * G
+    verdicts = [bool(v) for v in verdict_fn(ro.tasks[:n], ro.tokens[:n], ro.images[:n])] if verdict_fn else None
+    png = os.path.join("samples", f"step_{step:07d}.png")
+    sheet, lines = [], []
+    for first in range(0, n, G):
+        task, rows = ro.tasks[first], range(first, first + G)
+        captions = [[ro.answers[i], f"reward {float(ro.rewards[i]):.2f}"]
+                    + ([f"exact: {'right' if verdicts[i] else 'wrong'}"] if verdicts else []) for i in rows]
+        sheet.append(dict(title=f"{task['prompt']}   Q: {task['question']}", images=[ro.images[i] for i in rows],
+                          captions=captions))
+        lines.append(dict(step=step, png=png, task=task, answers=[ro.answers[i] for i in rows],
+                          rewards=[float(ro.rewards[i]) for i in rows],
+                          **({"verdicts": [verdicts[i] for i in rows]} if verdicts else {})))
+    plot.sample_sheet(sheet, os.path.join(args.out, png))
+    with open(os.path.join(args.out, "samples.jsonl"), "a") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines)
+
+
+@torch.no_grad()
+def draw_fixed(args, sampler, processor, tasks, device, n=4):
+    """n images for each of the before/after prompts, each prompt seeded by its index: the same draw at the start
+    and at the end of a run, so that the two differ only by the training."""
+    sampler.eval()
+    return [sample(sampler, processor, [t["prompt"]], n, args.cfg, args.sample_temperature,
+                   torch.Generator(device).manual_seed(args.seed * 7919 + i), steps=args.showo_steps)["images"]
+            for i, t in enumerate(tasks)]
 
 
 def step_entry(args, step, rollouts, stats, grad_norm, update_s):
@@ -650,6 +699,7 @@ def start_log(args, rank, start, n_trainable, world, tasks, report):
     if rank != 0:
         return None
     cut_log(os.path.join(args.out, "log.jsonl"), start if start else -1)
+    cut_log(os.path.join(args.out, "samples.jsonl"), start - 1)  # the step-`start` sheet is drawn again
     with open(os.path.join(args.out, "config.json.tmp"), "w") as f:
         json.dump(vars(args), f, indent=1)
     os.replace(os.path.join(args.out, "config.json.tmp"), os.path.join(args.out, "config.json"))
@@ -709,8 +759,9 @@ def main(argv=None):
     train_module, objective, sampler, judge, params, optimizer = build_training(args, model, processor, device, world)
     root = objective if args.fsdp else model  # what the checkpoints hold
     tasks, eval_tasks, report = make_task_sets(args)
-    evaluate = make_evaluator(args, sampler, processor, judge, eval_tasks, device)
+    evaluate = make_evaluator(args, sampler, processor, judge, eval_tasks, device, rank, world)
     reward_fn = None if args.reward == "self" else import_named(args.reward)
+    verdict_fn = None if args.verdict == "none" else import_named(args.verdict)
     start, ckpts = 0, sorted(glob.glob(os.path.join(args.out, "step_*[0-9]")))
     if args.resume and ckpts:
         start, stored = load_checkpoint(ckpts[-1], root, optimizer)
@@ -720,9 +771,12 @@ def main(argv=None):
         print(f"--resume: no checkpoint in {args.out} yet; starting at step 0")
     log = start_log(args, rank, start, n_trainable, world, tasks, report)
     before = after = None
-    if args.eval_every and rank == 0 and start == 0:  # the starting point, logged as step 0
+    if args.eval_every and start == 0:  # the starting point, logged as step 0
         before = after = dict(step=0, **evaluate())
-        log.write(json.dumps(before) + "\n")
+        if rank == 0:
+            log.write(json.dumps(before) + "\n")
+    fixed = eval_tasks[:6] if args.sample_every and rank == 0 else []  # the before/after prompts
+    drawn_first = draw_fixed(args, sampler, processor, fixed, device)
     t_start, bar = time.time(), progress_bar(args, start, rank)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     for step in range(start, args.steps):
@@ -737,9 +791,11 @@ def main(argv=None):
         refresh_sampler(sampler, model)
         entry = step_entry(args, step, rollouts, stats, grad_norm, time.perf_counter() - t1)
         last = is_last_step(args, step, start, t_start, device)
-        if args.eval_every and ((step + 1) % args.eval_every == 0 or last) and rank == 0:
+        if args.eval_every and ((step + 1) % args.eval_every == 0 or last):
             entry.update(evaluate())
             after = entry
+        if rank == 0 and args.sample_every and (step % args.sample_every == 0 or last):
+            write_samples(args, step, rollouts[0], verdict_fn)
         if rank == 0:
             log.write(json.dumps(entry) + "\n")
             log.flush()
@@ -751,6 +807,12 @@ def main(argv=None):
     bar.close()
     if rank == 0 and before:
         print_before_after(before, after)
+    if fixed:
+        path = plot.before_after([t["prompt"] for t in fixed], drawn_first, draw_fixed(args, sampler, processor, fixed,
+                                 device), os.path.join(args.out, "before_after.png"), (f"step {start}", f"step {step + 1}"))
+        print(f"the same prompts and seeds at step {start} and step {step + 1}: {path}")
+    if rank == 0:
+        log.close()
     if dist.is_initialized():
         dist.destroy_process_group()
     return before, after

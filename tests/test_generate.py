@@ -91,6 +91,7 @@ def test_cli_writes_pngs_and_grid(tmp_path):
            "--n", "3", "--seed", "0", "--out", str(tmp_path)]
     subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
     side = model.JanusConfig.from_json(__import__("json").load(open(os.path.join(JANUS_DIRS[0], "config.json")))).gen_image_size
+    side *= -(-64 // side)  # small images are upscaled to at least 64 px
     for name in ("00000.png", "00001.png", "00002.png"):
         assert Image.open(tmp_path / name).size == (side, side)
     assert Image.open(tmp_path / "grid.png").size == (2 * side, 2 * side)
@@ -157,3 +158,15 @@ def test_showo_text_prefix_cache_changes_nothing():
     assert torch.equal(runs[True][0], runs[False][0])
     torch.testing.assert_close(runs[True][1], runs[False][1], atol=1e-5, rtol=0)
     assert (runs[True][1] < 0).all()  # every token got the log-prob of the step that committed it
+
+
+def test_toy_images_are_written_at_a_size_a_person_can_see(tmp_path):
+    """The toy world's 8 x 8 images are upscaled by nearest neighbour: 64 px, each cell one flat 8 x 8 block."""
+    from data_paths import toy_checkpoint
+    import numpy as np
+    m, p = model.load_model(toy_checkpoint())
+    images = generate.sample(m, p, ["a photo of a tv"], 2, 2.0, generator=torch.Generator().manual_seed(0))["images"]
+    generate.save_images(images, str(tmp_path))
+    png = np.asarray(Image.open(tmp_path / "00001.png"))
+    assert png.shape == (64, 64, 3) and Image.open(tmp_path / "grid.png").size == (64, 128)
+    assert np.array_equal(png[::8, ::8], images[1].numpy()) and np.array_equal(png, png[::8, ::8].repeat(8, 0).repeat(8, 1))

@@ -22,7 +22,7 @@ JANUS = fixture_dirs("janus")[:1]
 def common(out, algo, steps=2):
     return ["--model", JANUS[0], "--algo", algo, "--out", str(out), "--steps", str(steps), "--tasks", "16",
             "--group-size", "3", "--max-answer-tokens", "4", "--lr", "1e-3", "--warmup", "1", "--save-every", "1",
-            "--cfg", "2", "--beta", "0.1", "--sft-mmu-filter", "all", "--device", "cpu"]
+            "--cfg", "2", "--beta", "0.1", "--sft-mmu-filter", "all", "--device", "cpu", "--sample-every", "0"]
 
 
 def final_weights(out):
@@ -39,6 +39,7 @@ def assert_same_weights(a, b, atol):
 def test_torchrun_two_ranks_equal_one_process(algo, sharding, tmp_path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     sgd = ["--optimizer", "sgd", "--lr", "0.5"]  # an update linear in the gradient: float noise stays float noise
+    sgd += ["--eval-every", "2", "--eval-tasks", "5"]  # the built-in eval hook, sharded over the ranks
     train.main(common(single, algo) + ["--prompts-per-rank", "2"] + sgd)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -52,8 +53,12 @@ def test_torchrun_two_ranks_equal_one_process(algo, sharding, tmp_path):
     moved = max((a[k] - base[k]).abs().max().item() for k in a if k in base)
     assert moved > 1e-2  # training really moved the weights ...
     assert_same_weights(a, b, atol=1e-5)  # ... and the two layouts agree to float noise
-    logs = [open(os.path.join(d, "log.jsonl")).read().splitlines() for d in (single, ddp)]
-    assert len(logs[0]) == len(logs[1]) == 2
+    logs = [[json.loads(line) for line in open(os.path.join(d, "log.jsonl"))] for d in (single, ddp)]
+    assert [e["step"] for e in logs[0]] == [e["step"] for e in logs[1]] == [0, 1, 2]
+    for one, two in zip(*logs):  # 3 held-out tasks on rank 0, 2 on rank 1: the same accuracies as one process
+        evals = {k: v for k, v in one.items() if k.startswith("selfcheck")}
+        assert bool(evals) == (one["step"] != 1)  # evaluated at the start and every 2 steps
+        assert evals == {k: v for k, v in two.items() if k.startswith("selfcheck")}
 
 
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
@@ -218,3 +223,79 @@ def test_an_unknown_plugin_fails_before_any_model_is_loaded(flag, tmp_path, caps
     with pytest.raises(SystemExit):
         train.main(common(tmp_path, "grpo") + [flag, "plugins:no_such_function"])
     assert "no_such_function" in capsys.readouterr().err and not os.path.exists(tmp_path / "log.jsonl")
+
+
+def test_an_eval_hook_that_would_never_run_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--model", JANUS[0], "--eval", "plugins:count_calls"])
+    assert "--eval-every" in capsys.readouterr().err
+    assert train.parse_args(["--model", JANUS[0], "--eval", "plugins:count_calls", "--eval-every", "5"]).eval_every == 5
+
+
+# -----------------------------------------------------------------------------------------------------------
+# what a person sees: sample sheets with the model's own answers, before/after, curves
+
+
+def test_a_toy_run_leaves_sample_sheets_that_agree_with_its_log(tmp_path, capsys):
+    """The shipped toy world, 3 GRPO steps: OUT/samples/step_*.png at steps 0 and 2 (the last), samples.jsonl
+    whose rewards are the self-check scores of its answers and whose mean is the logged reward of that rollout,
+    the exact verdicts of the toy world, and OUT/before_after.png."""
+    import reward
+    from PIL import Image
+    out = tmp_path / "run"
+    train.main(["--algo", "grpo", "--out", str(out), "--steps", "3", "--minutes", "0", "--prompts-per-rank", "2",
+                "--sample-every", "2", "--sample-groups", "8", "--eval-every", "0", "--eval", "selfcheck"])
+    assert sorted(os.listdir(out / "samples")) == ["step_0000000.png", "step_0000002.png"]
+    log = {e["step"]: e for e in map(json.loads, open(out / "log.jsonl"))}
+    lines = [json.loads(line) for line in open(out / "samples.jsonl")]
+    assert [x["step"] for x in lines] == [0, 0, 2, 2]  # two groups per rollout, both drawn
+    for x in lines:
+        assert len(x["answers"]) == len(x["rewards"]) == len(x["verdicts"]) == 8
+        assert x["rewards"] == pytest.approx([reward.score(a, x["task"]) for a in x["answers"]])
+    for step in (0, 2):
+        rewards = [r for x in lines if x["step"] == step for r in x["rewards"]]
+        assert sum(rewards) / len(rewards) == pytest.approx(log[step + 1]["reward"])  # log step = updates after
+        sheet = Image.open(out / "samples" / f"step_{step:07d}.png")
+        assert sheet.width >= 8 * 64 and sheet.height >= 2 * 64  # eight images of at least 64 px per row
+    picture = Image.open(out / "before_after.png")
+    assert picture.width >= 8 * 64 and picture.height >= 6 * 64  # six prompts, four images before and after
+    assert str(out / "before_after.png") in capsys.readouterr().out
+
+
+def test_a_sample_sheet_shows_each_image_upscaled_where_it_belongs(tmp_path):
+    import numpy as np
+    import plot
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (8, 8, 3), dtype=np.uint8) for _ in range(3)]
+    path = plot.sample_sheet([dict(title="a prompt", images=images[:2], captions=[["yes"], ["no"]]),
+                              dict(title="another", images=images[2:], captions=[["x", "y"]])], str(tmp_path / "s.png"))
+    sheet = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(path))
+    for image in images:  # each image appears once, as 8 x 8 blocks of its pixels
+        big = image.repeat(8, 0).repeat(8, 1)
+        hits = [(y, x) for y in range(sheet.shape[0] - 63) for x in range(sheet.shape[1] - 63)
+                if sheet[y, x].tolist() == big[0, 0].tolist() and np.array_equal(sheet[y:y + 64, x:x + 64], big)]
+        assert len(hits) == 1
+
+
+def test_samples_after_resume_hold_each_step_once(tmp_path):
+    out = tmp_path / "run"
+    args = [a for a in common(out, "sft", steps=3) if a not in ("--sample-every", "0")]
+    train.main(args + ["--save-every", "2", "--sample-every", "1", "--sample-groups", "1"])
+    shutil.rmtree(out / "step_0000003")  # killed after sampling and logging step 3, before its checkpoint
+    train.main(args + ["--save-every", "2", "--sample-every", "1", "--sample-groups", "1", "--resume"])
+    assert [json.loads(line)["step"] for line in open(out / "samples.jsonl")] == [0, 1, 2]
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1, 2, 3]
+
+
+def test_plot_draws_the_curves_of_a_run(tmp_path):
+    pytest.importorskip("matplotlib")  # optional: only plot.py's curves use it
+    out = tmp_path / "run"
+    train.main(common(out, "grpo", steps=2) + ["--eval-every", "1", "--eval-tasks", "2"])
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "plot.py"), str(out)], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    from PIL import Image
+    assert Image.open(out / "curves.png").size[1] > 4 * 200  # reward, KL, clip fraction, grad norm, eval panels
+    import plot
+    assert plot.eval_numbers(plot.read_log(str(out))) == {"selfcheck"} | {
+        k for k in json.loads(open(out / "log.jsonl").readline()) if k.startswith("selfcheck_")}
