@@ -102,8 +102,12 @@ def curves(run_dir, out=None):
     for ax, (name, keys) in zip(axes[:, 0], panels):
         source = evals if name == "evaluation hook" else train
         for k in keys:
-            pts = [(e["step"], e[k]) for e in source if isinstance(e.get(k), (int, float))]
-            ax.plot(*zip(*pts), label=k, marker="o" if name == "evaluation hook" else None, markersize=3)
+            steps, values = zip(*[(e["step"], e[k]) for e in source if isinstance(e.get(k), (int, float))])
+            if name == "evaluation hook":
+                ax.plot(steps, values, label=k, marker="o", markersize=3)
+                continue
+            line, = ax.plot(steps, smooth(values), label=k)  # per-step values are noisy: a running mean, and
+            ax.plot(steps, values, color=line.get_color(), alpha=0.15, linewidth=0.8)  # the raw values faint
         ax.set_title(name, fontsize=10)
         ax.legend(fontsize=7, ncol=2)
         ax.grid(alpha=0.3)
@@ -124,6 +128,13 @@ def eval_numbers(entries):
     train = [e for e in entries if "reward" in e]
     counts = {k: sum(k in e for e in train) for k in _keys(train)}
     return {k for k, n in counts.items() if n <= len(train) / 2 and not k.startswith(("loss_", "reward_"))}
+
+
+def smooth(values):
+    """Running mean over a window of about 1/30 of the run (at least 1)."""
+    w = max(1, len(values) // 30)
+    c = np.cumsum(np.insert(np.asarray(values, dtype=float), 0, 0.0))
+    return [(c[i + 1] - c[max(0, i + 1 - w)]) / (i + 1 - max(0, i + 1 - w)) for i in range(len(values))]
 
 
 def _keys(entries):
