@@ -37,6 +37,7 @@ Checkpoints go to OUT/step_XXXXXXX/ (model.safetensors loadable by model.py, plu
 `--resume` continues from the newest one exactly. One jsonl line per step goes to OUT/log.jsonl.
 """
 import argparse
+import contextlib
 import copy
 import glob
 import json
@@ -51,6 +52,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import grpo
+import lora
 import plot
 import reward
 import sft
@@ -134,6 +136,13 @@ def build_parser():
     ap.add_argument("--activation-checkpointing", action="store_true",
                     help="recompute each transformer block in backward (memory for compute)")
     ap.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard per block); for Janus-Pro-7B")
+    ap.add_argument("--lora-rank", type=NONNEG, default=0,
+                    help="train LoRA adapters of this rank on the transformer blocks' linear layers instead of the "
+                         "weights (0 = full fine-tuning). The base stays in the sampling dtype; GRPO's reference is "
+                         "the base with the adapters off, and the policy samples itself")
+    ap.add_argument("--lora-alpha", type=POSITIVE, default=16.0, help="LoRA scale alpha (the update is alpha / r B A)")
+    ap.add_argument("--lora-targets", default=lora.BLOCK_LINEARS,
+                    help="regex over the linear layers' names within a block (e.g. 'q_proj|v_proj')")
     add_sampling_and_loss_args(ap)
     # bookkeeping
     ap.add_argument("--seed", type=int, default=0, help="decides every random draw of the run")
@@ -346,9 +355,9 @@ class Objective(nn.Module):
         steps = replay_subset(ro, a.showo_replay_steps)
         policy = self.logprobs(self.model, ro, steps)
         ref = {}
-        if ref_model is not None and a.beta > 0:
-            with torch.no_grad():
-                ref = {part: lp for part, (lp, _) in self.logprobs(ref_model, ro, steps).items()}
+        if a.beta > 0 and (ref_model is not None or a.lora_rank):
+            with torch.no_grad(), lora.adapters_off(self.model) if a.lora_rank else contextlib.nullcontext():
+                ref = {part: lp for part, (lp, _) in self.logprobs(ref_model or self.model, ro, steps).items()}
         old = ro.logp_old or {}
         loss, stats = 0.0, {}
         for part, (lp, mask) in policy.items():
@@ -408,12 +417,15 @@ def build_training(args, model, processor, device, world):
     FSDP; otherwise an inference copy in the sampling dtype (FSDP: its shards gathered into it after each step)."""
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     frozen = None
-    if (args.algo == "grpo" and args.beta > 0) or args.frozen_judge:  # a frozen copy of the initial weights
+    wants_ref = args.algo == "grpo" and args.beta > 0 and not args.lora_rank  # LoRA: the adapters switched off
+    if wants_ref or args.frozen_judge:  # a frozen copy of the initial weights
         frozen = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
-    ref_model = frozen if args.algo == "grpo" and args.beta > 0 else None
+        for layer in lora.lora_layers(frozen).values():  # the initial weights are the base's
+            layer.enabled = False
+    ref_model = frozen if wants_ref else None
     judge = frozen if args.frozen_judge else None
     sampler = model
-    if args.fsdp or dtype != torch.float32:  # copied before sharding, so it holds whole tensors
+    if args.fsdp or (dtype != torch.float32 and not args.lora_rank):  # copied before sharding: whole tensors
         sampler = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
     objective = Objective(model, processor, args, ref_model)
     if args.fsdp:
@@ -521,19 +533,26 @@ def save_checkpoint(args, step, module, optimizer, rank, processor):
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict, StateDictOptions
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_sd = {k.removeprefix("model."): v for k, v in get_model_state_dict(module, options=full).items()}
+    model = module.model if isinstance(module, Objective) else module
+    if args.lora_rank:  # the adapters alone (every rank gathers its shards); the base is --model
+        adapter_sd = lora.adapter_state_dict(model)
+    else:
+        model_sd = {k.removeprefix("model."): v for k, v in get_model_state_dict(module, options=full).items()}
     optim_sd = get_optimizer_state_dict(module, optimizer, options=full)
     final = os.path.join(args.out, f"step_{step:07d}")
     tmp = final + ".tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        save_file({k: v.contiguous() for k, v in model_sd.items()}, os.path.join(tmp, "model.safetensors"))
         torch.save(dict(optimizer=optim_sd, step=step, args=vars(args)), os.path.join(tmp, "train_state.pt"))
-        for f in glob.glob(os.path.join(args.model, "*.json")):
-            if not f.endswith(".index.json"):
-                shutil.copy(f, tmp)
-        processor.write_files(tmp)  # the chat roles this run used (a reload never guesses them); MAGVIT-v2
+        if args.lora_rank:  # PEFT's adapter folder: lora.load_adapter(load_model(base), folder) reads it
+            lora.save_adapter(model, tmp, args.lora_target_regex, os.path.abspath(args.model), adapter_sd)
+        else:
+            save_file({k: v.contiguous() for k, v in model_sd.items()}, os.path.join(tmp, "model.safetensors"))
+            for f in glob.glob(os.path.join(args.model, "*.json")):
+                if not f.endswith(".index.json"):
+                    shutil.copy(f, tmp)
+            processor.write_files(tmp)  # the chat roles this run used (a reload never guesses them); MAGVIT-v2
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in sorted(glob.glob(os.path.join(args.out, "step_*[0-9]")))[:-args.keep]:
@@ -548,7 +567,17 @@ def load_checkpoint(path, module, optimizer):
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict, StateDictOptions
     full = StateDictOptions(full_state_dict=True)
-    sd = load_file(os.path.join(path, "model.safetensors"))
+    adapter = os.path.join(path, lora.ADAPTER_WEIGHTS)
+    if os.path.isfile(adapter):  # a LoRA run: the adapters onto the base, which came from --model
+        sd = {k.removeprefix("base_model.model."): v for k, v in load_file(adapter).items()}
+        model = module.model if isinstance(module, Objective) else module
+        want = {n for n, p in model.named_parameters() if p.requires_grad}
+        if set(sd) != want:
+            raise SystemExit(f"--resume: {adapter} does not hold this run's adapters (differing: "
+                             f"{sorted(set(sd) ^ want)[:4]}); same --lora-rank and --lora-targets?")
+        full = StateDictOptions(full_state_dict=True, strict=False)
+    else:
+        sd = load_file(os.path.join(path, "model.safetensors"))
     if module.__class__ is Objective:
         sd = {"model." + k: v for k, v in sd.items()}
     set_model_state_dict(module, sd, options=full)
@@ -745,10 +774,17 @@ def setup(args):
     if dist.is_initialized():
         dist.barrier()
     os.makedirs(args.out, exist_ok=True)
-    # fp32 master weights whatever --dtype says: AdamW's updates of 1e-5 * w vanish in bf16
-    model, processor = load_model(args.model, device=device, dtype=torch.float32, vq_dir=args.vq, roles=args.roles)
+    # fp32 master weights whatever --dtype says: AdamW's updates of 1e-5 * w vanish in bf16. Under LoRA the base
+    # never changes: it stays in the sampling dtype, and the adapters are fp32
+    base_dtype = torch.bfloat16 if args.lora_rank and args.dtype == "bf16" else torch.float32
+    model, processor = load_model(args.model, device=device, dtype=base_dtype, vq_dir=args.vq, roles=args.roles)
     resolve_defaults(args, model)
-    n_trainable = set_trainable(model)
+    if args.lora_rank:
+        args.lora_target_regex = lora.target_regex(model, args.lora_targets)
+        lora.apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_target_regex)
+        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    else:
+        n_trainable = set_trainable(model)
     model.checkpointing = args.activation_checkpointing
     return rank, world, device, model, processor, n_trainable
 
