@@ -246,6 +246,7 @@ def test_a_toy_run_leaves_sample_sheets_that_agree_with_its_log(tmp_path, capsys
     train.main(["--algo", "grpo", "--out", str(out), "--steps", "3", "--minutes", "0", "--prompts-per-rank", "2",
                 "--sample-every", "2", "--sample-groups", "8", "--eval-every", "0", "--eval", "selfcheck"])
     assert sorted(os.listdir(out / "samples")) == ["step_0000000.png", "step_0000002.png"]
+    assert json.load(open(out / "config.json"))["verdict"] == "toy:exact_verdict"  # the toy folder's defaults
     log = {e["step"]: e for e in map(json.loads, open(out / "log.jsonl"))}
     lines = [json.loads(line) for line in open(out / "samples.jsonl")]
     assert [x["step"] for x in lines] == [0, 0, 2, 2]  # two groups per rollout, both drawn
