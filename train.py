@@ -33,8 +33,9 @@ Precision (--dtype, the same code on every device; a CPU run with --dtype bf16 t
     fp32: one fp32 model trains and samples (eval mode while sampling, train mode in the loss).
     bf16: fp32 master weights for AdamW, losses under bf16 autocast; rollouts run without autocast on the bf16
           sampler copy (KV caches in bf16, reused).
-Checkpoints go to OUT/step_XXXXXXX/ (model.safetensors loadable by model.py, plus the optimizer and RNG state);
-`--resume` continues from the newest one exactly. One jsonl line per step goes to OUT/log.jsonl.
+Checkpoints go to OUT/step_XXXXXXX/: the training state through torch.distributed.checkpoint (each rank its own
+shards) and an export that load_model reads (model.safetensors, or a LoRA adapter); `--resume` continues from the
+newest one exactly. One jsonl line per step goes to OUT/log.jsonl.
 """
 import argparse
 import contextlib
@@ -45,6 +46,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -526,25 +528,51 @@ def update(args, train_module, model, optimizer, params, rollouts, autocast, ste
 # checkpoints: atomic (write to a temp folder, then rename), the newest `keep` kept
 
 
+def training_state(module, optimizer):
+    """What a resume needs, as torch.distributed.checkpoint state dicts (sharded under FSDP2, whole otherwise): the
+    trained weights (fp32 masters, or the adapters) and the optimizer's state. Frozen weights come from --model."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    trained = {n for n, p in module.named_parameters() if p.requires_grad}
+    return dict(model={k: v for k, v in get_model_state_dict(module).items() if k in trained},
+                optim=get_optimizer_state_dict(module, optimizer))
+
+
+@contextlib.contextmanager
+def one_process_is_fine():
+    """DCP warns that it 'assumes a single process' whenever no process group exists: here that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def save_checkpoint(args, step, module, optimizer, rank, processor):
-    """module: the model, or under FSDP the sharded Objective root (its keys carry a "model." prefix). The folder
-    loads on its own: the source's json files (config, tokenizer, train_defaults) and the processor's own files
-    (Janus' chat roles, Show-o's MAGVIT-v2) go with the weights."""
+    """OUT/step_XXXXXXX/: train_state/ (every rank writes its own shards through torch.distributed.checkpoint,
+    nothing is gathered) and train_state.json (step, arguments), plus what load_model reads: model.safetensors,
+    gathered tensor by tensor onto rank 0's CPU, with the source's json files and the processor's own (Janus' chat
+    roles, Show-o's MAGVIT-v2) - or under LoRA the PEFT adapter folder. module: the model, or under FSDP the
+    sharded Objective root (its keys carry a "model." prefix). Written to a temporary folder, then renamed."""
+    import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict, StateDictOptions
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model = module.model if isinstance(module, Objective) else module
-    if args.lora_rank:  # the adapters alone (every rank gathers its shards); the base is --model
-        adapter_sd = lora.adapter_state_dict(model)
-    else:
-        model_sd = {k.removeprefix("model."): v for k, v in get_model_state_dict(module, options=full).items()}
-    optim_sd = get_optimizer_state_dict(module, optimizer, options=full)
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
     final = os.path.join(args.out, f"step_{step:07d}")
     tmp = final + ".tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        torch.save(dict(optimizer=optim_sd, step=step, args=vars(args)), os.path.join(tmp, "train_state.pt"))
+    if dist.is_initialized():
+        dist.barrier()
+    with one_process_is_fine():
+        dcp.save(training_state(module, optimizer), checkpoint_id=os.path.join(tmp, "train_state"),
+                 no_dist=not dist.is_initialized())
+    model = module.model if isinstance(module, Objective) else module
+    if args.lora_rank:  # the adapters alone (every rank takes part in gathering them); the base is --model
+        adapter_sd = lora.adapter_state_dict(model)
+    else:
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd = {k.removeprefix("model."): v for k, v in get_model_state_dict(module, options=full).items()}
+    if rank == 0:
+        with open(os.path.join(tmp, "train_state.json"), "w") as f:
+            json.dump(dict(step=step, args=vars(args)), f, indent=1)
         if args.lora_rank:  # PEFT's adapter folder: lora.load_adapter(load_model(base), folder) reads it
             lora.save_adapter(model, tmp, args.lora_target_regex, os.path.abspath(args.model), adapter_sd)
         else:
@@ -563,27 +591,26 @@ def save_checkpoint(args, step, module, optimizer, rank, processor):
 
 
 def load_checkpoint(path, module, optimizer):
-    """-> (step, the arguments the checkpoint's run was started with)."""
-    from safetensors.torch import load_file
+    """Every rank reads its own shards of the trained weights and the optimizer state. -> (step, the arguments
+    the checkpoint's run was started with)."""
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict, StateDictOptions
-    full = StateDictOptions(full_state_dict=True)
-    adapter = os.path.join(path, lora.ADAPTER_WEIGHTS)
-    if os.path.isfile(adapter):  # a LoRA run: the adapters onto the base, which came from --model
-        sd = {k.removeprefix("base_model.model."): v for k, v in load_file(adapter).items()}
-        model = module.model if isinstance(module, Objective) else module
-        want = {n for n, p in model.named_parameters() if p.requires_grad}
-        if set(sd) != want:
-            raise SystemExit(f"--resume: {adapter} does not hold this run's adapters (differing: "
-                             f"{sorted(set(sd) ^ want)[:4]}); same --lora-rank and --lora-targets?")
-        full = StateDictOptions(full_state_dict=True, strict=False)
-    else:
-        sd = load_file(os.path.join(path, "model.safetensors"))
-    if module.__class__ is Objective:
-        sd = {"model." + k: v for k, v in sd.items()}
-    set_model_state_dict(module, sd, options=full)
-    state = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=True)
-    set_optimizer_state_dict(module, optimizer, state["optimizer"], options=full)
-    return state["step"], state["args"]
+    meta = os.path.join(path, "train_state.json")
+    if not os.path.isfile(meta):
+        raise SystemExit(f"--resume: {path} has no train_state.json (a checkpoint of an older train.py, or not one "
+                         "at all): its weights load with load_model, but a resume needs the training state")
+    state = training_state(module, optimizer)  # the layout to read into: this run's shards
+    try:
+        with one_process_is_fine():
+            dcp.load(state, checkpoint_id=os.path.join(path, "train_state"), no_dist=not dist.is_initialized())
+    except Exception as e:  # DCP names the missing keys; say which checkpoint and why it may not fit
+        raise SystemExit(f"--resume: {path}/train_state does not fit this run (same model, --lora-rank, "
+                         f"--lora-targets?): {str(e)[:500]}") from e
+    set_model_state_dict(module, state["model"], options=StateDictOptions(strict=False))
+    set_optimizer_state_dict(module, optimizer, state["optim"])
+    with open(meta) as f:
+        stored = json.load(f)
+    return stored["step"], stored["args"]
 
 
 def check_run_dir(args):

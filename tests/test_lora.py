@@ -100,7 +100,7 @@ def test_lora_grpo_trains_only_adapters_and_its_reference_is_the_base(folder, dt
     lines = [json.loads(x) for x in open(out / "log.jsonl")]
     assert all(torch.isfinite(torch.tensor(x["loss_img"])) for x in lines) and "img_kl" in lines[0]
     ckpt = sorted(glob.glob(str(out / "step_*[0-9]")))[-1]
-    assert sorted(os.listdir(ckpt)) == ["adapter_config.json", "adapter_model.safetensors", "train_state.pt"]
+    assert sorted(os.listdir(ckpt)) == ["adapter_config.json", "adapter_model.safetensors", "train_state", "train_state.json"]
     trained = lora.load_adapter(model.load_model(folder)[0], ckpt)
     assert any(layer.lora_B.weight.abs().sum() > 0 for layer in lora.lora_layers(trained).values())
     # the reference log-probs (adapters off) equal the untouched base model's, exactly

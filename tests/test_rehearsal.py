@@ -301,3 +301,20 @@ def test_showo_with_magvit_in_another_folder_saves_a_folder_that_loads_alone(tmp
     _, reference = model.load_model(str(ckpt), vq_dir=str(vq))
     for (k, a), (_, b) in zip(p.vq.state_dict().items(), reference.vq.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_dir", MODELS, ids=name)
+def test_torchrun_fsdp_resume_is_exact_and_every_rank_writes_its_shards(model_dir, tmp_path):
+    """FSDP2 on 2 ranks: the training state goes through torch.distributed.checkpoint, one file per rank, and a
+    run stopped after 2 steps and resumed ends where an uninterrupted 3-step run ends."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    torchrun(tiny(model_dir, "grpo", whole, steps=3, extra=SGD + ["--prompts-per-rank", "1"]), whole, "fsdp")
+    torchrun(tiny(model_dir, "grpo", split, steps=3, extra=SGD + ["--prompts-per-rank", "1", "--stop-after", "2"]),
+             split, "fsdp")
+    shards = sorted(os.listdir(checkpoints(split)[-1] + "/train_state"))
+    assert [f for f in shards if f.endswith(".distcp")] == ["__0_0.distcp", "__1_0.distcp"]
+    torchrun(tiny(model_dir, "grpo", split, steps=3, extra=SGD + ["--prompts-per-rank", "1", "--resume"]), split,
+             "fsdp")
+    assert_same_weights(final_weights(whole), final_weights(split), atol=0.0)
+    model.load_model(checkpoints(split)[-1])  # the consolidated export loads strictly
