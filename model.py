@@ -977,6 +977,10 @@ class JanusProcessor:
         self.mean = pre.get("image_mean", (0.5, 0.5, 0.5)) if pre.get("do_normalize", True) else None
         self.std = pre.get("image_std", (0.5, 0.5, 0.5))
 
+    def to(self, device):
+        """The processor holds no tensors (Show-o's does: .to moves its MAGVIT-v2)."""
+        return self
+
     def write_files(self, out):
         """What a checkpoint folder needs beyond its weights and the source's json files: the chat roles."""
         write_janus_roles(out, self.cfg)
@@ -1633,6 +1637,11 @@ class ShowOProcessor:
     def __init__(self, tok, vq, max_seq_length, vq_config=None):
         self.tok, self.vq, self.max_seq_length = tok, vq, max_seq_length
         self.vq_config = vq_config  # the MAGVIT-v2 config json it was loaded with (None: sizeless, defaults)
+
+    def to(self, device):
+        """Move MAGVIT-v2 (the processor's only tensors) to `device`."""
+        self.vq.to(device)
+        return self
 
     def write_files(self, out):
         """What a checkpoint folder needs beyond its weights and the source's json files: MAGVIT-v2, as

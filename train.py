@@ -421,14 +421,14 @@ def build_training(args, model, processor, device, world):
     frozen = None
     wants_ref = args.algo == "grpo" and args.beta > 0 and not args.lora_rank  # LoRA: the adapters switched off
     if wants_ref or args.frozen_judge:  # a frozen copy of the initial weights
-        frozen = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+        frozen = copy.deepcopy(model).to(device=device, dtype=dtype).eval().requires_grad_(False)
         for layer in lora.lora_layers(frozen).values():  # the initial weights are the base's
             layer.enabled = False
     ref_model = frozen if wants_ref else None
     judge = frozen if args.frozen_judge else None
     sampler = model
     if args.fsdp or (dtype != torch.float32 and not args.lora_rank):  # copied before sharding: whole tensors
-        sampler = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+        sampler = copy.deepcopy(model).to(device=device, dtype=dtype).eval().requires_grad_(False)
     objective = Objective(model, processor, args, ref_model)
     if args.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -804,7 +804,11 @@ def setup(args):
     # fp32 master weights whatever --dtype says: AdamW's updates of 1e-5 * w vanish in bf16. Under LoRA the base
     # never changes: it stays in the sampling dtype, and the adapters are fp32
     base_dtype = torch.bfloat16 if args.lora_rank and args.dtype == "bf16" else torch.float32
-    model, processor = load_model(args.model, device=device, dtype=base_dtype, vq_dir=args.vq, roles=args.roles)
+    # FSDP: the whole model lives on the CPU until fully_shard moves it to the GPU block by block, a shard each, so
+    # no GPU ever holds all of it (7B in fp32: 28 GB); the processor (Show-o's MAGVIT-v2) goes to the GPU now
+    model, processor = load_model(args.model, device="cpu" if args.fsdp else device, dtype=base_dtype, vq_dir=args.vq,
+                                  roles=args.roles)
+    processor.to(device)
     resolve_defaults(args, model)
     if args.lora_rank:
         args.lora_target_regex = lora.target_regex(model, args.lora_targets)
