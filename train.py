@@ -12,7 +12,9 @@ What lives on each GPU: the policy in fp32 (master weights, gradients, AdamW's t
 one shard of every block under FSDP2 (--fsdp); with --dtype bf16 (or under FSDP) a bf16 sampler copy of the
 whole model that draws the rollouts and is refreshed in place after every optimizer step (in fp32 without FSDP
 the policy samples itself); and, for GRPO with beta > 0 or --frozen-judge, a frozen copy of the initial
-weights in the sampling dtype: the KL reference and/or the judge.
+weights in the sampling dtype: the KL reference and/or the judge. With --lora-rank: the base in the sampling
+dtype, only the adapters (and their Adam state) in fp32, no reference copy (the adapters switched off), and the
+policy samples itself (under FSDP the sampler copy stays).
 
 One hand-written loop. Each rank owns whole prompt groups, so advantages never cross ranks. Rollouts are seeded
 per task (seed, step, global task slot), which makes a run independent of how it is split over ranks; the global
@@ -89,9 +91,6 @@ def number(kind, low=None, high=None, above=None):
 COUNT, NONNEG, POSITIVE, FRACTION = number(int, low=1), number(int, low=0), number(float, above=0), \
     number(float, low=0, high=1)
 NONNEG_F = number(float, low=0)
-
-
-#####
 
 
 class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
