@@ -493,6 +493,11 @@ def main():
         ap.error("need --n >= 1, --temperature > 0, --steps >= 1")
     if not os.path.isdir(args.model):
         ap.error(f"--model {args.model!r} is not a folder")
+    try:  # before sampling: an unwritable --out must not throw a whole generation away
+        os.makedirs(args.out, exist_ok=True)
+        assert os.access(args.out, os.W_OK)
+    except (OSError, AssertionError):
+        ap.error(f"--out {args.out!r} is not a writable folder")
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model, processor = load_model(args.model, device=args.device, dtype=dtype, vq_dir=args.vq)
     generator = torch.Generator(args.device).manual_seed(args.seed)

@@ -99,6 +99,10 @@ def load_strict(model, sd, optional=(), dtype=None, device=None, where="checkpoi
             if items:
                 lines.append(f"  {len(items)} {title}: " + ", ".join(items[:50]) + (" ..." if len(items) > 50 else ""))
         raise CheckpointError("\n".join(lines))
+    poisoned = [k for k, t in sd.items() if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all())]
+    if poisoned:  # a diverged run's weights would answer "!!!!" with exit 0; refuse them at the door
+        raise CheckpointError(f"{where}: {len(poisoned)} tensor(s) hold NaN or inf values: "
+                              + ", ".join(poisoned[:20]) + (" ..." if len(poisoned) > 20 else ""))
     full = {}
     for k, v in expected.items():
         t = sd[k] if k in sd else v
@@ -218,6 +222,9 @@ class JanusConfig:
             raise ValueError(f"unknown gen_vision cls {gen_cls!r}; known: {list(VQ_PRESETS)} or 'module:Class'")
         else:
             vq = {**VQ_PRESETS[gen_cls], **gen_vis.get("params", {})}
+        for key in ("codebook_l2_norm", "codebook_show_usage"):  # "false" (a string) would read as true
+            if not isinstance(vq[key], bool):
+                raise ValueError(f"config.json: gen_vision_config params.{key} must be true or false, not {vq[key]!r}")
         select_layer = vis.get("select_layer", -1)
         c = cls()
         for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -1336,6 +1343,11 @@ class ShowOTokenizer:
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         folder = os.path.dirname(file)
         self.tok = Tokenizer.from_file(file)
+        additions = ["[PAD]", *SHOWO_SPECIALS]
+        held = [t for t in additions if self.tok.token_to_id(t) is not None]
+        if held and len(held) < len(additions):  # appending the rest would shift ids the model was trained with
+            raise ValueError(f"{file}: holds {len(held)} of Show-o's {len(additions)} added tokens; missing "
+                             f"{[t for t in additions if t not in held]} (a file holds all of them or none)")
         self.tok.add_special_tokens([AddedToken("[PAD]", special=True, normalized=False)])
         self.tok.add_tokens(list(SHOWO_SPECIALS))
         names = dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>")  # phi-1.5's, when no map says otherwise

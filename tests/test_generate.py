@@ -170,3 +170,11 @@ def test_toy_images_are_written_at_a_size_a_person_can_see(tmp_path):
     png = np.asarray(Image.open(tmp_path / "00001.png"))
     assert png.shape == (64, 64, 3) and Image.open(tmp_path / "grid.png").size == (64, 128)
     assert np.array_equal(png[::8, ::8], images[1].numpy()) and np.array_equal(png, png[::8, ::8].repeat(8, 0).repeat(8, 1))
+
+
+def test_cli_refuses_an_unwritable_out_before_sampling(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--model", JANUS_DIRS[0], "--prompt", "x",
+                          "--out", str(blocker / "out")], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode != 0 and "not a writable folder" in bad.stderr and "Traceback" not in bad.stderr

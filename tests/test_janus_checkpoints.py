@@ -219,3 +219,45 @@ def test_converter_writes_one_original_layout_safetensors(tmp_path):
                                                                               if f.endswith(".json")}
     a, b = load_file(os.path.join(dst, "model.safetensors")), model.read_checkpoint(folder)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# loading refuses what would load "fine" and be silently wrong
+
+
+@pytest.mark.parametrize("folder", JANUS_DIRS[:1] + fixture_dirs("showo")[:1], ids=os.path.basename)
+def test_weights_with_nan_or_inf_are_refused_by_name(folder, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    sd = load_file(str(bad / "model.safetensors"))
+    name = sorted(k for k, v in sd.items() if v.is_floating_point())[3]
+    sd[name] = sd[name].clone()
+    sd[name].view(-1)[0] = float("nan")
+    save_file(sd, str(bad / "model.safetensors"))
+    with pytest.raises(model.CheckpointError, match=re.escape(name)):
+        model.load_model(str(bad))
+
+
+def test_a_boolean_vq_field_given_as_a_string_is_refused(tmp_path):
+    cfg = json.load(open(os.path.join(JANUS_DIRS[0], "config.json")))
+    cfg["gen_vision_config"].setdefault("params", {})["codebook_l2_norm"] = "false"
+    with pytest.raises(ValueError, match="codebook_l2_norm must be true or false"):
+        model.JanusConfig.from_json(cfg)
+
+
+def test_a_showo_tokenizer_holding_some_of_the_added_tokens_is_refused(tmp_path):
+    """All ten of Show-o's additions or none (then they are appended in the official order); a file holding nine
+    would have the tenth appended at a shifted id, and every image id after it."""
+    from tokenizers import Tokenizer, models
+    words = {"<|endoftext|>": 0, "a": 1, "cat": 2}
+    for held in (0, 9, 10):
+        tok = Tokenizer(models.WordLevel(dict(words), unk_token="<|endoftext|>"))
+        tok.add_special_tokens(["[PAD]", *model.SHOWO_SPECIALS][:held])
+        path = tmp_path / f"tokenizer_{held}.json"
+        tok.save(str(path))
+        if held == 9:
+            with pytest.raises(ValueError, match=r"holds 9 of Show-o's 10 added tokens; missing \['<\|lvg\|>'\]"):
+                model.ShowOTokenizer(str(path))
+        else:
+            t = model.ShowOTokenizer(str(path))
+            assert t.pad_id == 3 and t.special_ids["<|soi|>"] == 4 and t.image_offset == 13
