@@ -42,17 +42,21 @@ newest one exactly. One jsonl line per step goes to OUT/log.jsonl.
 import argparse
 import contextlib
 import copy
+import errno
 import glob
 import json
 import math
 import os
 import shutil
+import signal
+import sys
 import time
 import warnings
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.checkpoint.api import CheckpointException
 from tqdm import tqdm
 
 import grpo
@@ -551,7 +555,6 @@ def save_checkpoint(args, step, module, optimizer, rank, processor):
     roles, Show-o's MAGVIT-v2) - or under LoRA the PEFT adapter folder. module: the model, or under FSDP the
     sharded Objective root (its keys carry a "model." prefix). Written to a temporary folder, then renamed."""
     import torch.distributed.checkpoint as dcp
-    from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
     final = os.path.join(args.out, f"step_{step:07d}")
     tmp = final + ".tmp"
@@ -560,33 +563,58 @@ def save_checkpoint(args, step, module, optimizer, rank, processor):
         os.makedirs(tmp)
     if dist.is_initialized():
         dist.barrier()
-    with one_process_is_fine():
-        dcp.save(training_state(module, optimizer), checkpoint_id=os.path.join(tmp, "train_state"),
-                 no_dist=not dist.is_initialized())
     model = module.model if isinstance(module, Objective) else module
+    try:  # a collective: a failure on any rank is raised on every rank
+        with one_process_is_fine():
+            dcp.save(training_state(module, optimizer), checkpoint_id=os.path.join(tmp, "train_state"),
+                     no_dist=not dist.is_initialized())
+    except (Exception, CheckpointException) as e:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise SystemExit(f"saving {final} failed: " + ("disk full" if "No space left" in str(e) else str(e)[:300])
+                         + "; its partial folder was removed") from e
     if args.lora_rank:  # the adapters alone (every rank takes part in gathering them); the base is --model
         adapter_sd = lora.adapter_state_dict(model)
     else:
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_sd = {k.removeprefix("model."): v for k, v in get_model_state_dict(module, options=full).items()}
+    failure = None
     if rank == 0:
-        with open(os.path.join(tmp, "train_state.json"), "w") as f:
-            json.dump(dict(step=step, args=vars(args)), f, indent=1)
-        if args.lora_rank:  # PEFT's adapter folder: lora.load_adapter(load_model(base), folder) reads it
-            lora.save_adapter(model, tmp, args.lora_target_regex, os.path.abspath(args.model), adapter_sd)
-        else:
-            save_file({k: v.contiguous() for k, v in model_sd.items()}, os.path.join(tmp, "model.safetensors"))
-            for f in glob.glob(os.path.join(args.model, "*.json")):
-                if not f.endswith(".index.json"):
-                    shutil.copy(f, tmp)
-            processor.write_files(tmp)  # the chat roles this run used (a reload never guesses them); MAGVIT-v2
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in sorted(glob.glob(os.path.join(args.out, "step_*[0-9]")))[:-args.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            write_export(args, step, tmp, final, model, processor, adapter_sd if args.lora_rank else model_sd)
+        except OSError as e:  # a full disk, a vanished folder: leave nothing half-written behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            failure = f"saving {final} failed: " + ("disk full" if e.errno == errno.ENOSPC else str(e))
+    ok = torch.tensor(float(failure is None), device=next(model.parameters()).device)
+    if dist.is_initialized():
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if not bool(ok):
+        raise SystemExit((failure or f"saving {final} failed on rank 0") + "; its partial folder was removed; the "
+                         "last good checkpoint is " + (max(glob.glob(os.path.join(args.out, "step_*[0-9]")),
+                                                           default="none (none written yet)")))
     if dist.is_initialized():
         dist.barrier()
     return final
+
+
+def write_export(args, step, tmp, final, model, processor, state):
+    """Rank 0's part of a checkpoint: train_state.json and the loadable export (the gathered weights `state`, or
+    the adapters), then the rename and the rotation to the newest --keep."""
+    from safetensors.torch import save_file
+    with open(os.path.join(tmp, "train_state.json"), "w") as f:
+        json.dump(dict(step=step, args=vars(args)), f, indent=1)
+    if args.lora_rank:  # PEFT's adapter folder: lora.load_adapter(load_model(base), folder) reads it
+        lora.save_adapter(model, tmp, args.lora_target_regex, os.path.abspath(args.model), state)
+    else:
+        save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, "model.safetensors"))
+        for f in glob.glob(os.path.join(args.model, "*.json")):
+            if not f.endswith(".index.json"):
+                shutil.copy(f, tmp)
+        processor.write_files(tmp)  # the chat roles this run used (a reload never guesses them); MAGVIT-v2
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(glob.glob(os.path.join(args.out, "step_*[0-9]")))[:-args.keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(path, module, optimizer):
@@ -602,14 +630,35 @@ def load_checkpoint(path, module, optimizer):
     try:
         with one_process_is_fine():
             dcp.load(state, checkpoint_id=os.path.join(path, "train_state"), no_dist=not dist.is_initialized())
-    except Exception as e:  # DCP names the missing keys; say which checkpoint and why it may not fit
-        raise SystemExit(f"--resume: {path}/train_state does not fit this run (same model, --lora-rank, "
-                         f"--lora-targets?): {str(e)[:500]}") from e
+    except (Exception, CheckpointException) as e:  # DCP's own is no Exception; say which checkpoint, and why
+        reason = [line for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
+        raise SystemExit(f"--resume: {path}/train_state cannot be read into this run ({reason[0].strip()[:300]}): a "
+                         "broken checkpoint, or one of another model, --lora-rank or --lora-targets") from e
     set_model_state_dict(module, state["model"], options=StateDictOptions(strict=False))
     set_optimizer_state_dict(module, optimizer, state["optim"])
     with open(meta) as f:
         stored = json.load(f)
     return stored["step"], stored["args"]
+
+
+def resume_newest_loadable(args, ckpts, module, optimizer, device):
+    """Load the newest checkpoint that loads on every rank; a broken one (a disk that filled, a copy cut short) is
+    skipped, naming it and why. -> (its step, the checkpoints up to it)."""
+    for i in range(len(ckpts) - 1, -1, -1):
+        try:
+            start, stored = load_checkpoint(ckpts[i], module, optimizer)
+            problem = None
+        except (SystemExit, Exception) as e:  # load_checkpoint's refusals are SystemExit
+            start, stored, problem = None, None, str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        ok = torch.tensor(float(problem is None), device=device)
+        if dist.is_initialized():  # all ranks take the same checkpoint
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if bool(ok):
+            check_resume(args, stored, start, ckpts[i])
+            return start, ckpts[:i + 1]
+        print(f"--resume: skipping {ckpts[i]}, it does not load" + (f": {problem}" if problem else " on another rank"),
+              file=sys.stderr)
+    raise SystemExit(f"--resume: no checkpoint in {args.out} loads (tried {len(ckpts)}); see the reasons above")
 
 
 def check_run_dir(args):
@@ -764,13 +813,40 @@ def start_log(args, rank, start, n_trainable, world, tasks, report):
     return open(os.path.join(args.out, "log.jsonl"), "a")
 
 
+INTERRUPTED = []  # the signals received (SIGINT, SIGTERM); the loop saves and stops at the end of the step
+
+
+@contextlib.contextmanager
+def catch_interrupts():
+    """Ctrl-C or SIGTERM (a scheduler's kill) ends the run after the current step, with a checkpoint; a second
+    one stops at once. The previous handlers come back afterwards."""
+    def handler(signum, frame):
+        if INTERRUPTED:
+            raise KeyboardInterrupt
+        INTERRUPTED.append(signum)
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint (again to stop now)",
+              file=sys.stderr, flush=True)
+    INTERRUPTED.clear()
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
 def is_last_step(args, step, start, t_start, device):
-    """--steps reached, --minutes spent (rank 0's clock decides for everyone) or --stop-after reached."""
+    """-> (last, interrupted): --steps reached, --minutes spent (rank 0's clock decides for everyone),
+    --stop-after reached, or a signal on any rank (every rank stops at the same step)."""
     # a collective's tensor lives on the training device (NCCL accepts nothing else)
-    out_of_time = torch.tensor(float(bool(args.minutes) and time.time() - t_start > 60 * args.minutes), device=device)
+    out_of_time = float(bool(args.minutes) and time.time() - t_start > 60 * args.minutes)
+    flags = torch.tensor([out_of_time if dist.get_rank() == 0 else 0.0, float(bool(INTERRUPTED))], device=device) \
+        if dist.is_initialized() else torch.tensor([out_of_time, float(bool(INTERRUPTED))], device=device)
     if dist.is_initialized():
-        dist.broadcast(out_of_time, 0)
-    return step + 1 == args.steps or bool(out_of_time) or bool(args.stop_after and step + 1 - start >= args.stop_after)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    timed_out, interrupted = (bool(f) for f in flags.tolist())
+    done = step + 1 == args.steps or timed_out or bool(args.stop_after and step + 1 - start >= args.stop_after)
+    return done or interrupted, interrupted
 
 
 def progress_bar(args, start, rank):
@@ -821,6 +897,12 @@ def setup(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    with catch_interrupts():
+        return train(args)
+
+
+def train(args):
+    """The run: setup, resume, then per step rollouts -> update -> log, evaluate, sample, checkpoint."""
     rank, world, device, model, processor, n_trainable = setup(args)
     train_module, objective, sampler, judge, params, optimizer = build_training(args, model, processor, device, world)
     root = objective if args.fsdp else model  # what the checkpoints hold
@@ -830,8 +912,7 @@ def main(argv=None):
     verdict_fn = None if args.verdict == "none" else import_named(args.verdict)
     start, ckpts = 0, sorted(glob.glob(os.path.join(args.out, "step_*[0-9]")))
     if args.resume and ckpts:
-        start, stored = load_checkpoint(ckpts[-1], root, optimizer)
-        check_resume(args, stored, start, ckpts[-1])
+        start, ckpts = resume_newest_loadable(args, ckpts, root, optimizer, device)
         refresh_sampler(sampler, model)
     elif args.resume and rank == 0:
         print(f"--resume: no checkpoint in {args.out} yet; starting at step 0")
@@ -856,7 +937,7 @@ def main(argv=None):
                                   ckpts[-1] if ckpts else None)
         refresh_sampler(sampler, model)
         entry = step_entry(args, step, rollouts, stats, grad_norm, time.perf_counter() - t1)
-        last = is_last_step(args, step, start, t_start, device)
+        last, interrupted = is_last_step(args, step, start, t_start, device)
         if args.eval_every and ((step + 1) % args.eval_every == 0 or last):
             entry.update(evaluate())
             after = entry
@@ -868,6 +949,9 @@ def main(argv=None):
             show_progress(bar, entry, t_start, bool(args.minutes))
         if (step + 1) % args.save_every == 0 or last:
             ckpts.append(save_checkpoint(args, step + 1, root, optimizer, rank, processor))
+        if interrupted:
+            raise SystemExit(f"interrupted after step {step + 1}: saved {ckpts[-1]}; the same command with --resume "
+                             "continues it exactly")
         if last:
             break
     bar.close()
@@ -879,7 +963,9 @@ def main(argv=None):
         print(f"the same prompts and seeds at step {start} and step {step + 1}: {path}")
     if rank == 0:
         log.close()
-    if dist.is_initialized():
+    if dist.is_initialized():  # leave together (rank 0 may still be drawing), and free DDP before its group
+        dist.barrier()
+        del train_module, objective
         dist.destroy_process_group()
     return before, after
 

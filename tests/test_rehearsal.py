@@ -240,7 +240,7 @@ def test_collectives_get_tensors_on_the_training_device(tmp_path, monkeypatch):
     argv = tiny(JANUS[0], "grpo", tmp_path, "bf16", steps=1)
     argv[argv.index("--device") + 1] = device
     train.main(argv)
-    assert {fn for fn, _ in seen} >= {"all_reduce", "broadcast"}
+    assert "all_reduce" in {fn for fn, _ in seen}  # the stop flags, the finite checks, the eval counts
     assert all(d.type == torch.device(device).type for _, d in seen), seen
 
 

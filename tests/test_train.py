@@ -300,3 +300,63 @@ def test_plot_draws_the_curves_of_a_run(tmp_path):
     import plot
     assert plot.eval_numbers(plot.read_log(str(out))) == {"selfcheck"} | {
         k for k in json.loads(open(out / "log.jsonl").readline()) if k.startswith("selfcheck_")}
+
+
+# -----------------------------------------------------------------------------------------------------------
+# what happens when: interrupted, a broken newest checkpoint, a full disk
+
+
+def test_sigterm_saves_a_checkpoint_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    import signal
+    import time
+    out, whole = tmp_path / "run", tmp_path / "whole"
+    argv = common(out, "sft", steps=400) + ["--save-every", "1000"]
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py")] + argv, cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    log = out / "log.jsonl"
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2):  # a few steps in
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "--resume continues it exactly" in err and "Traceback" not in err
+    saved = sorted(glob.glob(os.path.join(out, "step_*[0-9]")))
+    assert len(saved) == 1 and "step_" in err
+    n = int(saved[0][-7:])
+    assert [json.loads(line)["step"] for line in open(log)] == list(range(1, n + 1))
+    train.main(common(whole, "sft", steps=400) + ["--save-every", "1000", "--stop-after", str(n + 1)])
+    train.main(argv + ["--resume", "--stop-after", "1"])
+    assert_same_weights(final_weights(whole), final_weights(out), atol=0.0)
+
+
+def test_resume_skips_a_broken_newest_checkpoint_and_says_so(tmp_path, capsys):
+    out, whole = tmp_path / "run", tmp_path / "whole"
+    train.main(common(whole, "sft", steps=3))
+    train.main(common(out, "sft", steps=3))
+    newest = sorted(glob.glob(os.path.join(out, "step_*[0-9]")))[-1]
+    for shard in glob.glob(os.path.join(newest, "train_state", "*.distcp")):
+        open(shard, "wb").close()  # truncated, as by a copy cut short
+    capsys.readouterr()
+    train.main(common(out, "sft", steps=3) + ["--resume"])
+    err = capsys.readouterr().err
+    assert f"skipping {newest}" in err
+    assert_same_weights(final_weights(whole), final_weights(out), atol=0.0)  # step 3 redone from step 2
+    for shard in glob.glob(os.path.join(out, "step_*[0-9]", "train_state", "*.distcp")):
+        open(shard, "wb").close()
+    with pytest.raises(SystemExit, match="no checkpoint in .* loads"):
+        train.main(common(out, "sft", steps=4) + ["--resume"])
+
+
+def test_a_full_disk_leaves_no_partial_checkpoint_and_says_disk_full(tmp_path, monkeypatch):
+    import errno
+    import safetensors.torch
+    out = tmp_path / "run"
+    train.main(common(out, "sft", steps=1))
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(SystemExit, match=r"saving .*step_0000002 failed: disk full; its partial folder was removed; "
+                                         r"the last good checkpoint is .*step_0000001"):
+        train.main(common(out, "sft", steps=2) + ["--resume"])
+    assert sorted(os.listdir(out)) == ["config.json", "log.jsonl", "step_0000001"]
