@@ -330,9 +330,25 @@ def score(imagedir, outfile, detector, classify_colours, opts=DEFAULT_OPTIONS):
 
 
 def read_results(path):
-    """Rows of a results.jsonl; json undoes pandas' "\\/" escapes in the official files."""
+    """Rows of a results.jsonl (ours or the official evaluator's; json undoes pandas' "\\/" escapes), checked:
+    each row needs a boolean `correct` ("False", a string, would count as correct) and one of GenEval's six tags
+    (another would be averaged into the overall score). A bad line raises ValueError naming the file and line."""
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not a json object ({e})") from e
+            if not isinstance(row, dict) or not isinstance(row.get("correct"), bool):
+                raise ValueError(f"{path}:{number}: 'correct' must be true or false, not "
+                                 f"{row.get('correct') if isinstance(row, dict) else row!r}")
+            if row.get("tag") not in TAGS:
+                raise ValueError(f"{path}:{number}: unknown tag {row.get('tag')!r} (GenEval's: {', '.join(TAGS)})")
+            rows.append(row)
+    return rows
 
 
 def wilson_interval(k, n, z=1.96):
@@ -439,7 +455,7 @@ def generate_images(model_dir, metadata_path, outdir, n=4, batch=16, seed=0, cfg
         os.makedirs(outdir, exist_ok=True)
         json.dump(config, open(path, "w"), indent=1)
     chunks = [list(range(c, min(c + per_call, len(rows)))) for c in range(0, len(rows), per_call)]
-    done = lambda i: len(glob_samples(os.path.join(outdir, f"{i:05d}", "samples"))) >= n
+    done = lambda i: sum(map(readable, glob_samples(os.path.join(outdir, f"{i:05d}", "samples"), full=True))) >= n
     todo = [c for k, c in enumerate(chunks) if k % world == rank and not all(map(done, c))]
     written = 0
     if todo:
@@ -467,8 +483,20 @@ def generate_images(model_dir, metadata_path, outdir, n=4, batch=16, seed=0, cfg
     return written
 
 
-def glob_samples(folder):
-    return sorted(f for f in os.listdir(folder) if re.match(r"\d+\.png$", f)) if os.path.isdir(folder) else []
+def readable(path):
+    """A sample PNG that a disk-full or a kill left empty or cut short counts as missing."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except (OSError, SyntaxError):
+        return False
+
+
+def glob_samples(folder, full=False):
+    """The sample PNG names of a folder (<k>.png), sorted; full: their paths."""
+    names = sorted(f for f in os.listdir(folder) if re.match(r"\d+\.png$", f)) if os.path.isdir(folder) else []
+    return [os.path.join(folder, f) for f in names] if full else names
 
 
 def self_check_folder(model_dir, imagedir, qa_path, results_path=None, reference_dir=None, reference_results=None,
@@ -619,7 +647,10 @@ def main(argv=None):
         for name, value in out.items() if os.environ.get("RANK", "0") == "0" else ():
             print(f"{name}: {json.dumps(value) if isinstance(value, dict) else f'{value:.4f}'}")
     elif args.command == "summary":
-        rows = read_results(args.results)
+        try:
+            rows = read_results(args.results)
+        except (OSError, ValueError) as e:
+            sys.exit(str(e))
         if not rows:
             sys.exit(f"{args.results}: no results")
         print_summary(summarize(rows))

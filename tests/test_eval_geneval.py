@@ -360,3 +360,30 @@ def test_torchrun_generation_and_selfcheck_equal_one_process(tmp_path):
     assert folder_bytes(tmp_path / "one") == folder_bytes(tmp_path / "two")
     verdicts = [(tmp_path / d / "selfcheck.jsonl").read_text() for d in ("one", "two")]
     assert verdicts[0] == verdicts[1] and len(verdicts[0].splitlines()) == 6
+
+
+def test_an_empty_or_truncated_sample_counts_as_missing_and_is_drawn_again(tmp_path):
+    meta, model_dir = three_prompts(tmp_path), MODEL_DIRS[0]
+    args = ["generate", "--model", model_dir, "--metadata", str(meta), "--outdir", str(tmp_path / "out"),
+            "--n-samples", "2", "--batch", "2"]
+    ge.main(args)
+    first = folder_bytes(tmp_path / "out")
+    (tmp_path / "out" / "00002" / "samples" / "00001.png").write_bytes(b"")  # a disk that filled
+    cut = tmp_path / "out" / "00000" / "samples" / "00000.png"
+    cut.write_bytes(first["00000/samples/00000.png"][:40])  # a kill mid-write
+    ge.main(args)
+    assert folder_bytes(tmp_path / "out") == first
+
+
+@pytest.mark.parametrize("bad, message", [('"correct": "False"', "'correct' must be true or false"),
+                                          ('"tag": "colour"', "unknown tag 'colour'"), ("not json", "not a json")])
+def test_results_with_a_string_verdict_or_an_unknown_tag_are_refused_by_line(tmp_path, bad, message):
+    good = dict(filename="00000/samples/00000.png", tag="single_object", correct=False, metadata="{}", prompt="x")
+    line = json.dumps(good)
+    line = bad if bad == "not json" else line.replace('"correct": false', bad) if "correct" in bad \
+        else line.replace('"tag": "single_object"', bad)
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps(good) + "\n" + line + "\n")
+    with pytest.raises(SystemExit) as exit:
+        ge.main(["summary", str(path)])
+    assert str(exit.value.code).startswith(f"{path}:2: {message}")
