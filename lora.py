@@ -166,10 +166,7 @@ def merge_adapters(model):
 
 def main():
     import argparse
-    import glob
-    import shutil
-    from safetensors.torch import save_file
-    from model import load_model
+    from model import load_model, write_model_folder
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("merge", help="fold an adapter into its base: one plain checkpoint folder")
@@ -180,12 +177,7 @@ def main():
     args = ap.parse_args()
     model, processor = load_model(args.base, vq_dir=args.vq)
     load_adapter(model, args.adapter, merge=True)
-    os.makedirs(args.out, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(args.out, "model.safetensors"))
-    for f in glob.glob(os.path.join(args.base, "*.json")):
-        if not f.endswith(".index.json"):
-            shutil.copy(f, args.out)
-    processor.write_files(args.out)
+    write_model_folder(args.out, model.state_dict(), args.base, processor)
     print(f"wrote {args.out}: {args.base} with {args.adapter} merged in")
 
 

@@ -1723,6 +1723,22 @@ def load_model(ckpt_dir, device=None, dtype=None, vq_dir=None, roles=None):
 # CLI: rewrite any supported checkpoint folder as one model.safetensors in the original layout
 
 
+def write_model_folder(out, state, src_dir, processor):
+    """A folder that load_model reads on its own: out/model.safetensors from the state dict `state` (written to a
+    temporary name, then renamed), src_dir's json files (config, tokenizer, ...) and the processor's own files
+    (Janus' chat roles, Show-o's MAGVIT-v2)."""
+    import shutil
+    from safetensors.torch import save_file
+    os.makedirs(out, exist_ok=True)
+    tmp = os.path.join(out, "model.safetensors.tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(out, "model.safetensors"))
+    for f in glob.glob(os.path.join(src_dir, "*.json")):
+        if not f.endswith(".index.json"):
+            shutil.copy(f, out)
+    processor.write_files(out)
+
+
 def convert_checkpoint(src, dst):
     """Read src (original or transformers layout; .bin, .safetensors, sharded) and write dst/model.safetensors
     plus every json/tokenizer file of src, after checking that the tensors load strictly into the model."""

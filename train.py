@@ -65,7 +65,7 @@ import plot
 import reward
 import sft
 from generate import sample
-from model import import_named, load_model
+from model import import_named, load_model, write_model_folder
 from rollout import Rollout, replay_subset, rollout, sequence_logprobs
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -361,7 +361,7 @@ class Objective(nn.Module):
         policy = self.logprobs(self.model, ro, steps)
         ref = {}
         if a.beta > 0 and (ref_model is not None or a.lora_rank):
-            with torch.no_grad(), lora.adapters_off(self.model) if a.lora_rank else contextlib.nullcontext():
+            with torch.no_grad(), lora.adapters_off(self.model):  # a no-op without LoRA
                 ref = {part: lp for part, (lp, _) in self.logprobs(ref_model or self.model, ro, steps).items()}
         old = ro.logp_old or {}
         loss, stats = 0.0, {}
@@ -531,6 +531,11 @@ def update(args, train_module, model, optimizer, params, rollouts, autocast, ste
 # checkpoints: atomic (write to a temp folder, then rename), the newest `keep` kept
 
 
+def checkpoint_dirs(out):
+    """OUT's complete checkpoints (step_XXXXXXX; a step_XXXXXXX.tmp is one being written), oldest first."""
+    return sorted(glob.glob(os.path.join(out, "step_*[0-9]")))
+
+
 def training_state(module, optimizer):
     """What a resume needs, as torch.distributed.checkpoint state dicts (sharded under FSDP2, whole otherwise): the
     trained weights (fp32 masters, or the adapters) and the optimizer's state. Frozen weights come from --model."""
@@ -590,8 +595,7 @@ def save_checkpoint(args, step, module, optimizer, rank, processor):
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     if not bool(ok):
         raise SystemExit((failure or f"saving {final} failed on rank 0") + "; its partial folder was removed; the "
-                         "last good checkpoint is " + (max(glob.glob(os.path.join(args.out, "step_*[0-9]")),
-                                                           default="none (none written yet)")))
+                         "last good checkpoint is " + (checkpoint_dirs(args.out) or ["none (none written yet)"])[-1])
     if dist.is_initialized():
         dist.barrier()
     return final
@@ -600,20 +604,15 @@ def save_checkpoint(args, step, module, optimizer, rank, processor):
 def write_export(args, step, tmp, final, model, processor, state):
     """Rank 0's part of a checkpoint: train_state.json and the loadable export (the gathered weights `state`, or
     the adapters), then the rename and the rotation to the newest --keep."""
-    from safetensors.torch import save_file
     with open(os.path.join(tmp, "train_state.json"), "w") as f:
         json.dump(dict(step=step, args=vars(args)), f, indent=1)
     if args.lora_rank:  # PEFT's adapter folder: lora.load_adapter(load_model(base), folder) reads it
         lora.save_adapter(model, tmp, args.lora_target_regex, os.path.abspath(args.model), state)
-    else:
-        save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, "model.safetensors"))
-        for f in glob.glob(os.path.join(args.model, "*.json")):
-            if not f.endswith(".index.json"):
-                shutil.copy(f, tmp)
-        processor.write_files(tmp)  # the chat roles this run used (a reload never guesses them); MAGVIT-v2
+    else:  # with the chat roles this run used (a reload never guesses them) and Show-o's MAGVIT-v2
+        write_model_folder(tmp, state, args.model, processor)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for old in sorted(glob.glob(os.path.join(args.out, "step_*[0-9]")))[:-args.keep]:
+    for old in checkpoint_dirs(args.out)[:-args.keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -664,7 +663,7 @@ def resume_newest_loadable(args, ckpts, module, optimizer, device):
 def check_run_dir(args):
     """Before any rank writes anything: an --out that holds a run is continued (--resume), started afresh
     (--overwrite) or refused - never mixed with a new run (its rotation would delete the new checkpoints)."""
-    ckpts = glob.glob(os.path.join(args.out, "step_*[0-9]"))
+    ckpts = checkpoint_dirs(args.out)
     if args.resume and args.overwrite:
         raise SystemExit("--resume and --overwrite contradict each other")
     if (ckpts or os.path.isfile(os.path.join(args.out, "log.jsonl"))) and not (args.resume or args.overwrite):
@@ -840,8 +839,8 @@ def is_last_step(args, step, start, t_start, device):
     --stop-after reached, or a signal on any rank (every rank stops at the same step)."""
     # a collective's tensor lives on the training device (NCCL accepts nothing else)
     out_of_time = float(bool(args.minutes) and time.time() - t_start > 60 * args.minutes)
-    flags = torch.tensor([out_of_time if dist.get_rank() == 0 else 0.0, float(bool(INTERRUPTED))], device=device) \
-        if dist.is_initialized() else torch.tensor([out_of_time, float(bool(INTERRUPTED))], device=device)
+    clock = not dist.is_initialized() or dist.get_rank() == 0
+    flags = torch.tensor([out_of_time if clock else 0.0, float(bool(INTERRUPTED))], device=device)
     if dist.is_initialized():
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     timed_out, interrupted = (bool(f) for f in flags.tolist())
@@ -910,7 +909,7 @@ def train(args):
     evaluate = make_evaluator(args, sampler, processor, judge, eval_tasks, device, rank, world)
     reward_fn = None if args.reward == "self" else import_named(args.reward)
     verdict_fn = None if args.verdict == "none" else import_named(args.verdict)
-    start, ckpts = 0, sorted(glob.glob(os.path.join(args.out, "step_*[0-9]")))
+    start, ckpts = 0, checkpoint_dirs(args.out)
     if args.resume and ckpts:
         start, ckpts = resume_newest_loadable(args, ckpts, root, optimizer, device)
         refresh_sampler(sampler, model)

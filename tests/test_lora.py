@@ -51,16 +51,21 @@ def test_lora_starts_at_the_base_and_off_is_the_base(folder):
         lora.target_regex(m, "no_such_proj")
 
 
-@pytest.mark.parametrize("folder", MODELS, ids=os.path.basename)
-def test_adapter_round_trips_loaded_and_merged(folder, tmp_path):
+def saved_adapter(folder, out, pattern, alpha):
+    """A rank-2 adapter with non-zero B on the fixture model, saved to `out`; -> the logits it gives."""
     m, _ = model.load_model(folder)
-    targets = lora.target_regex(m, "q_proj|v_proj")
-    lora.apply_lora(m, 2, 16.0, targets)
+    targets = lora.target_regex(m, pattern)
+    lora.apply_lora(m, 2, alpha, targets)
     with torch.no_grad():
         for layer in lora.lora_layers(m).values():
             layer.lora_B.weight.normal_(std=0.1)
-    want = logits(m)
-    lora.save_adapter(m, str(tmp_path / "adapter"), targets, folder)
+    lora.save_adapter(m, str(out), targets, folder)
+    return logits(m)
+
+
+@pytest.mark.parametrize("folder", MODELS, ids=os.path.basename)
+def test_adapter_round_trips_loaded_and_merged(folder, tmp_path):
+    want = saved_adapter(folder, tmp_path / "adapter", "q_proj|v_proj", 16.0)
     config = json.load(open(tmp_path / "adapter" / "adapter_config.json"))
     assert config["peft_type"] == "LORA" and config["r"] == 2 and config["lora_alpha"] == 16.0
     keys = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
@@ -75,14 +80,7 @@ def test_adapter_round_trips_loaded_and_merged(folder, tmp_path):
 
 def test_merge_cli_writes_a_folder_that_load_model_reads(tmp_path):
     folder = MODELS[0]
-    m, _ = model.load_model(folder)
-    targets = lora.target_regex(m)
-    lora.apply_lora(m, 2, 4.0, targets)
-    with torch.no_grad():
-        for layer in lora.lora_layers(m).values():
-            layer.lora_B.weight.normal_(std=0.1)
-    want = logits(m)
-    lora.save_adapter(m, str(tmp_path / "adapter"), targets, folder)
+    want = saved_adapter(folder, tmp_path / "adapter", lora.BLOCK_LINEARS, 4.0)
     subprocess.run([sys.executable, os.path.join(ROOT, "lora.py"), "merge", folder, str(tmp_path / "adapter"),
                     str(tmp_path / "merged")], check=True, capture_output=True, cwd=ROOT)
     torch.testing.assert_close(logits(model.load_model(str(tmp_path / "merged"))[0]), want, atol=1e-5, rtol=0)
