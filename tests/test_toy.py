@@ -160,3 +160,15 @@ def test_short_grpo_run_improves_toy_geneval(reward_kind, tmp_path):
     before, after = train.main(["--algo", "grpo", "--reward", reward_kind, "--out", str(tmp_path), "--steps", "12",
                                 "--eval-every", "1000", "--eval-tasks", "60", "--seed", "0", "--save-every", "1000"])
     assert after["toy_geneval"] > before["toy_geneval"], (before, after)
+
+
+def test_toy_eval_cli_prints_the_per_tag_table():
+    """README: `python toy.py eval` (here on 12 held-out prompts, 1 image each)."""
+    import subprocess
+    import sys
+    from data_paths import ROOT
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "toy.py"), "eval", "--model", toy_checkpoint(), "--tasks",
+                          "12", "--images", "1"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "CFG 2.0: toy-GenEval overall" in run.stdout and "(12 images)" in run.stdout
+    assert all(tag in run.stdout for tag in ("all", "judge P"))
