@@ -31,6 +31,10 @@ tests and toy runs (their names are written into every result row and printed by
     python eval_geneval.py summary OUT/results.jsonl
     python eval_geneval.py selfcheck --model DIR --metadata evaluation_metadata_qa.jsonl --imagedir OUT \
         --results OUT/results.jsonl [--reference-dir REF --reference-results REF/results.jsonl]
+
+Bookkeeping: a missing prompt folder or sample would silently raise the score (the mean is over what is there),
+so `score` and `summary` count images per prompt against what was expected (OUT/config.json of `generate`, else
+inferred and said so) and refuse an incomplete set; --allow-incomplete scores it anyway, marked INCOMPLETE.
 """
 import argparse
 import importlib
@@ -39,6 +43,7 @@ import math
 import os
 import re
 import sys
+from collections import Counter
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
@@ -287,54 +292,92 @@ def load_plugin(spec):
 def find_samples(imagedir):
     """[(image path, metadata)] read the way evaluate_images.py reads OUT/<digits>/{metadata.jsonl,samples/}:
     entries that are not all-digit folders are skipped, metadata.jsonl must be one JSON object, and only files
-    whose names start with digits + ".png" are samples (a .jpg is silently ignored, as officially)."""
+    whose names start with digits + ".png" are samples (a .jpg is silently ignored, as officially).
+    A folder without metadata.jsonl or samples/ (a run killed early) holds no samples: the bookkeeping of
+    `score` counts its prompt as missing. The metadata must carry a prompt and one of GenEval's tags."""
     samples = []
     folders = [d for d in os.listdir(imagedir) if d.isdigit() and os.path.isdir(os.path.join(imagedir, d))]
     for folder in sorted(folders, key=int):
         meta_path = os.path.join(imagedir, folder, "metadata.jsonl")
+        if not os.path.isfile(meta_path):
+            continue
         with open(meta_path) as f:
             try:
                 metadata = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{meta_path}: must hold exactly one JSON object, the prompt's line: {e}") from e
+        if not isinstance(metadata, dict) or not isinstance(metadata.get("prompt"), str):
+            raise ValueError(f"{meta_path}: must hold one JSON object with a prompt, not {str(metadata)[:80]}")
+        if metadata.get("tag") not in TAGS:
+            raise ValueError(f"{meta_path}: unknown tag {metadata.get('tag')!r} (GenEval's: {', '.join(TAGS)})")
         sample_dir = os.path.join(imagedir, folder, "samples")
-        names = [n for n in os.listdir(sample_dir)
+        names = [n for n in (os.listdir(sample_dir) if os.path.isdir(sample_dir) else [])
                  if re.match(r"\d+\.png", n) and os.path.isfile(os.path.join(sample_dir, n))]
         for name in sorted(names, key=lambda n: (int(re.match(r"\d+", n).group()), n)):
             samples.append((os.path.join(sample_dir, name), metadata))
     return samples
 
 
-def score(imagedir, outfile, detector, classify_colours, opts=DEFAULT_OPTIONS):
-    """Judge every sample under imagedir and write one official-schema row per image to outfile.
-    Extra key `evaluator`: which detector, colour classifier and options produced the row."""
+def score(imagedir, outfile, detector, classify_colours, opts=DEFAULT_OPTIONS, allow_incomplete=False):
+    """Judge every sample under imagedir and write one official-schema row per image to outfile, as it is judged
+    (an interrupted run keeps its rows). Extra keys: `evaluator` (detector, colour classifier, options) and
+    `expected` (the prompts and images per prompt the folder should hold, and how that is known).
+
+    A folder whose prompts do not all hold the expected images (see completeness) is refused before anything is
+    judged, unless allow_incomplete. An image that cannot be read or judged is named on stderr and skipped: it
+    then counts as missing. -> (rows, errors [(path, reason)])."""
+    samples = find_samples(imagedir)
+    check = completeness(Counter(prompt_index(path) for path, _ in samples), *expected_of_folder(imagedir),
+                         texts={prompt_index(path): meta["prompt"] for path, meta in samples})
+    if check["off"] and not allow_incomplete:
+        raise ValueError(f"{imagedir} is incomplete: {describe(check)}. Finish it with `generate` (it resumes), or "
+                         "pass --allow-incomplete to score it anyway (the summary is then marked INCOMPLETE)")
+    expected = dict(prompts=check["prompts"], images_per_prompt=check["per_prompt"], source=check["how"])
     evaluator = json.dumps(dict(detector=getattr(detector, "name", repr(detector)),
                                 colour_classifier=getattr(classify_colours, "name", repr(classify_colours)), **opts))
-    rows = []
-    for path, metadata in tqdm(find_samples(imagedir), desc="score", unit="img"):
-        image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")  # EXIF orientation, as officially
-        correct, reason, detected = evaluate_image(image, metadata, detector, classify_colours, opts)
-        rows.append(dict(filename=path, tag=metadata["tag"], prompt=metadata["prompt"], correct=bool(correct),
-                         reason=reason, metadata=json.dumps(metadata),
-                         details=json.dumps({c: [box5 for box5, _ in objs] for c, objs in detected.items()}),
-                         evaluator=evaluator))
+    rows, errors = [], []
     if os.path.dirname(outfile):
         os.makedirs(os.path.dirname(outfile), exist_ok=True)
     with open(outfile, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    return rows
+        for path, metadata in tqdm(samples, desc="score", unit="img"):
+            step = "unreadable image"
+            try:
+                image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")  # EXIF orientation, as officially
+                step = "detector or colour classifier failed"
+                correct, reason, detected = evaluate_image(image, metadata, detector, classify_colours, opts)
+            except Exception as e:  # one bad image is never a reason to lose the other rows
+                errors.append((path, f"{step} ({type(e).__name__}: {e})"))
+                tqdm.write(f"{path}: skipped, {errors[-1][1]}", file=sys.stderr)
+                continue
+            rows.append(dict(filename=path, tag=metadata["tag"], prompt=metadata["prompt"], correct=bool(correct),
+                             reason=reason, metadata=json.dumps(metadata),
+                             details=json.dumps({c: [box5 for box5, _ in objs] for c, objs in detected.items()}),
+                             evaluator=evaluator, expected=expected))
+            f.write(json.dumps(rows[-1]) + "\n")
+            f.flush()
+    return rows, errors
 
 
 # -----------------------------------------------------------------------------------------------------------
-# summary: results.jsonl (ours or the official evaluator's) -> per-tag and overall scores
+# Bookkeeping: the prompts and images a folder or results file should hold, against those it holds
 
 
-def read_results(path):
-    """Rows of a results.jsonl (ours or the official evaluator's; json undoes pandas' "\\/" escapes), checked:
-    each row needs a boolean `correct` ("False", a string, would count as correct) and one of GenEval's six tags
-    (another would be averaged into the overall score). A bad line raises ValueError naming the file and line."""
-    rows = []
-    with open(path) as f:
+def read_json(path):
+    """One JSON object from a file; malformed or not an object: ValueError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: malformed json ({e})") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a json object, not {type(obj).__name__}")
+    return obj
+
+
+def read_jsonl(path):
+    """[(line number, object)] of a jsonl file, blank lines skipped; a bad line: ValueError naming file and line."""
+    out = []
+    with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -342,12 +385,103 @@ def read_results(path):
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{number}: not a json object ({e})") from e
-            if not isinstance(row, dict) or not isinstance(row.get("correct"), bool):
-                raise ValueError(f"{path}:{number}: 'correct' must be true or false, not "
-                                 f"{row.get('correct') if isinstance(row, dict) else row!r}")
-            if row.get("tag") not in TAGS:
-                raise ValueError(f"{path}:{number}: unknown tag {row.get('tag')!r} (GenEval's: {', '.join(TAGS)})")
-            rows.append(row)
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: not a json object ({line.strip()[:80]})")
+            out.append((number, row))
+    return out
+
+
+def prompt_index(filename):
+    """The prompt index of a sample path OUT/<index>/samples/<k>.png (either slash), or None."""
+    m = re.search(r"(?:^|[/\\])(\d+)[/\\]samples[/\\][^/\\]+$", filename)
+    return int(m[1]) if m else None
+
+
+def expected_of_folder(imagedir):
+    """(prompts, images per prompt, source) as `generate` recorded them in OUT/config.json: its metadata file's
+    line count and images_per_prompt. None for what is not recorded (no config.json, a metadata file moved away)."""
+    path = os.path.join(imagedir, "config.json")
+    if not os.path.isfile(path):
+        return None, None, None
+    config = read_json(path)
+    n, meta = config.get("images_per_prompt"), config.get("metadata")
+    if type(n) is not int or n < 1 or not isinstance(meta, str):
+        raise ValueError(f"{path}: images_per_prompt must be a positive integer and metadata a path, not {n!r}, "
+                         f"{meta!r}")
+    if not os.path.isfile(meta):
+        return None, n, f"{n} images per prompt from {path} (its metadata {meta} is not here)"
+    return len(read_jsonl(meta)), n, f"from {path} and its metadata {meta}"
+
+
+def completeness(found, prompts=None, per_prompt=None, source=None, texts=None):
+    """found {prompt index: images} against the expected prompts 0..prompts-1 with per_prompt images each (as
+    `source` knows them). What is not given is inferred, and `how` says so: images per prompt = the most common
+    count (ties: the larger); prompts = 553 if the prompt texts found ({index: prompt}) are GenEval's own,
+    else the highest index + 1. off: [(index, images)] of prompts with other counts (beyond prompts: any)."""
+    how = [source] if source else []
+    if per_prompt is None:
+        tally = Counter(found.values())
+        per_prompt = max(tally, key=lambda c: (tally[c], c), default=0)
+        how.append(f"{per_prompt} images per prompt inferred (the most common count)")
+    if prompts is None:
+        shipped = os.path.join(GENEVAL_DATA, "evaluation_metadata.jsonl")
+        shipped = [row.get("prompt") for _, row in read_jsonl(shipped)] if os.path.isfile(shipped) else []
+        ours = texts and all(i < len(shipped) and shipped[i] == text for i, text in texts.items())
+        prompts = len(shipped) if ours else max(found, default=-1) + 1
+        how.append(f"{prompts} prompts inferred " + ("(the prompts found are GenEval's own)" if ours
+                                                     else "(indices 0 to the highest found)"))
+    off = [(i, found.get(i, 0)) for i in sorted(set(range(prompts)) | set(found))
+           if found.get(i, 0) != (per_prompt if i < prompts else 0)]
+    return dict(prompts=prompts, per_prompt=per_prompt, how="; ".join(how), images=sum(found.values()), off=off)
+
+
+def describe(check, most=12):
+    """One line: the prompts without the expected images (the first `most`), with counts, and how it is known."""
+    n, k, off = check["prompts"], check["per_prompt"], check["off"]
+    listed = ", ".join(f"{i:05d} {got}/{k if i < n else 0}" for i, got in off[:most]) + ", ..." * (len(off) > most)
+    return (f"{len(off)} of {n} prompts do not hold {k} images: {listed} ({check['images']} of {n * k} images; "
+            f"expected {n} x {k}: {check['how']})")
+
+
+def results_completeness(rows):
+    """completeness() of results rows (checked by read_results): images per prompt index, from the filenames,
+    against the `expected` that `score` recorded in every row, or inferred (the official evaluator records none)."""
+    expected = rows[0].get("expected") or {}
+    return completeness(Counter(prompt_index(row["filename"]) for row in rows), expected.get("prompts"),
+                        expected.get("images_per_prompt"), expected.get("source"),
+                        {prompt_index(row["filename"]): row.get("prompt") for row in rows})
+
+
+# -----------------------------------------------------------------------------------------------------------
+# summary: results.jsonl (ours or the official evaluator's) -> per-tag and overall scores
+
+
+def read_results(path):
+    """Rows of a results.jsonl (ours or the official evaluator's; json undoes pandas' "\\/" escapes), checked,
+    a bad line raising ValueError naming the file and line: a boolean `correct` ("False", a string, would count
+    as correct), one of GenEval's six tags (another would be averaged into the overall score), a filename
+    <index>/samples/<k>.png seen once (a file appended twice would count twice), one `expected` for all rows."""
+    rows, seen = [], {}
+    for number, row in read_jsonl(path):
+        if not isinstance(row.get("correct"), bool):
+            raise ValueError(f"{path}:{number}: 'correct' must be true or false, not {row.get('correct')!r}")
+        if row.get("tag") not in TAGS:
+            raise ValueError(f"{path}:{number}: unknown tag {row.get('tag')!r} (GenEval's: {', '.join(TAGS)})")
+        name, expected = row.get("filename"), row.get("expected")
+        if not isinstance(name, str) or prompt_index(name) is None:
+            raise ValueError(f"{path}:{number}: filename {name!r} is not <index>/samples/<k>.png, so images "
+                             "cannot be counted per prompt")
+        if name in seen:
+            raise ValueError(f"{path}:{number}: {name} again (first on line {seen[name]}): each image counts once")
+        if expected is not None and not (isinstance(expected, dict) and all(
+                type(expected.get(k)) is int for k in ("prompts", "images_per_prompt"))):
+            raise ValueError(f"{path}:{number}: 'expected' must hold integer prompts and images_per_prompt, not "
+                             f"{expected!r}")
+        if rows and expected != rows[0].get("expected"):
+            raise ValueError(f"{path}:{number}: 'expected' {expected!r} differs from the first row's (results of "
+                             "several folders in one file?)")
+        seen[name] = number
+        rows.append(row)
     return rows
 
 
@@ -377,10 +511,17 @@ def summarize(rows):
                                    for row in rows}))
 
 
-def print_summary(s):
+def print_summary(s, check=None, errors=0):
+    """The summary; check (completeness) adds what was expected, and an INCOMPLETE mark, also on the last line."""
     for evaluator in s["evaluators"]:
         print(f"evaluator: {evaluator}")
     print(f"images: {s['n_images']}, prompts: {s['n_prompts']}")
+    incomplete = check is not None and bool(check["off"])
+    if check is not None:
+        print(f"INCOMPLETE: {describe(check)}" if incomplete else
+              f"complete: {check['prompts']} prompts x {check['per_prompt']} images ({check['how']})")
+    if errors:
+        print(f"INCOMPLETE: {errors} images could not be judged (named on stderr), so they count as missing")
     print(f"correct images, pooled over tags: {s['n_images_correct'] / s['n_images']:.4f} (not the GenEval score)")
     print(f"correct prompts, any image right: {s['n_prompts_correct'] / s['n_prompts']:.4f} (not the GenEval score)")
     print(f"{'tag':<14} {'score':>6}  {'correct/images':>14}  95% Wilson CI")
@@ -389,10 +530,9 @@ def print_summary(s):
         print(f"{tag:<14} {k / n:6.4f}  {f'{k}/{n}':>14}  [{lo:.4f}, {hi:.4f}]")
     if sorted(s["tags"]) != sorted(TAGS):  # still the official formula, but not comparable to published scores
         print(f"warning: the overall score averages these {len(s['tags'])} tags, not GenEval's six")
-    print(f"GenEval overall: {s['overall']:.4f}")  # the last line, for scripts
-
-
-# -----------------------------------------------------------------------------------------------------------
+    mark = (f" INCOMPLETE ({check['images']} of {check['prompts'] * check['per_prompt']} images; "
+            f"{len(check['off'])} of {check['prompts']} prompts incomplete)") if incomplete else ""
+    print(f"GenEval overall: {s['overall']:.4f}{mark}")  # the last line, for scripts
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -439,7 +579,7 @@ def generate_images(model_dir, metadata_path, outdir, n=4, batch=16, seed=0, cfg
     from generate import sample, save_images
     from model import load_model
     rank, world, device, started = distributed(device)
-    rows = [json.loads(line) for line in open(metadata_path) if line.strip()]
+    rows = [row for _, row in read_jsonl(metadata_path)]
     per_call = max(1, batch // n)
     config = dict(model=os.path.abspath(model_dir), metadata=os.path.abspath(metadata_path), images_per_prompt=n,
                   cfg_weight=cfg_weight, temperature=temperature, showo_steps=steps, seed=seed,
@@ -447,7 +587,7 @@ def generate_images(model_dir, metadata_path, outdir, n=4, batch=16, seed=0, cfg
                                                           "seeded with seed * 100003 + the chunk's first index")
     path = os.path.join(outdir, "config.json")
     if os.path.isfile(path):  # resuming: the images already there must have come from this recipe
-        old = json.load(open(path))
+        old = read_json(path)
         changed = [f"{k} {old.get(k)!r} -> {config[k]!r}" for k in RECIPE if old.get(k) != config[k]]
         if changed:
             raise SystemExit(f"{outdir} holds images of another recipe ({', '.join(changed)}): use another --outdir")
@@ -512,11 +652,18 @@ def self_check_folder(model_dir, imagedir, qa_path, results_path=None, reference
     """
     import torch
     import torch.distributed as dist
-    import reward
     from model import load_model
     from rollout import self_check
+    qa = read_jsonl(qa_path)
+    for path, meta in find_samples(imagedir) + (find_samples(reference_dir) if reference_dir else []):
+        index, meta_path = prompt_index(path), os.path.join(os.path.dirname(os.path.dirname(path)), "metadata.jsonl")
+        if index >= len(qa):
+            raise ValueError(f"{meta_path}: prompt {index}, but {qa_path} has {len(qa)} rows")
+        if qa[index][1].get("prompt") != meta["prompt"]:  # QA rows pair with folders by index: prompts must agree
+            raise ValueError(f"{meta_path} has the prompt {meta['prompt']!r}, but {qa_path}:{qa[index][0]} has "
+                             f"{qa[index][1].get('prompt')!r}: the folder was made from other prompts than these")
+    qa = [row for _, row in qa]
     rank, world, device, started = distributed(device)
-    qa = reward.load_tasks(qa_path)
     model, processor = load_model(model_dir, device=device, vq_dir=vq_dir,
                                   dtype=torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
 
@@ -613,9 +760,15 @@ def main(argv=None):
                    help="module:name of a classifier, (crops, colours, classname) -> names or [N, 10] scores")
     for key, value in DEFAULT_OPTIONS.items():  # the official --options, as typed flags
         p.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
+    p.add_argument("--allow-incomplete", action="store_true", help="score a folder whose prompts do not all hold "
+                   "the expected images (per OUT/config.json, else inferred), refused without it; the summary then "
+                   "says INCOMPLETE, with counts. An unreadable or unjudgeable image is always skipped and named")
 
     p = commands.add_parser("summary", help="per-tag and overall scores of a results.jsonl (ours or official)")
     p.add_argument("results")
+    p.add_argument("--allow-incomplete", action="store_true", help="summarize results missing images (against "
+                   "the counts `score` recorded; official results: inferred, see the output), refused without it; "
+                   "the summary then says INCOMPLETE")
     p = commands.add_parser("selfcheck", help="the model answers its own questions: Acc(MMU|T2I), Acc(T2I|MMU)")
     p.add_argument("--model", required=True)
     p.add_argument("--metadata", default=os.path.join(GENEVAL_DATA, "evaluation_metadata_qa.jsonl"),
@@ -629,11 +782,17 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "score":
         opts = {key: getattr(args, key) for key in DEFAULT_OPTIONS}
-        rows = score(args.imagedir, args.outfile, load_plugin(args.detector), load_plugin(args.colour_classifier),
-                     opts)
+        detector, colours = load_plugin(args.detector), load_plugin(args.colour_classifier)
+        try:
+            rows, errors = score(args.imagedir, args.outfile, detector, colours, opts, args.allow_incomplete)
+        except (OSError, ValueError) as e:
+            sys.exit(str(e))
         print(f"wrote {len(rows)} rows to {args.outfile}")
         if rows:
-            print_summary(summarize(rows))
+            print_summary(summarize(rows), results_completeness(rows), len(errors))
+        if errors and not args.allow_incomplete:
+            sys.exit(f"{len(errors)} images could not be judged (named above); {args.outfile} holds the other "
+                     f"{len(rows)} rows, and `summary` refuses it without --allow-incomplete")
     elif args.command == "generate":
         if not os.path.isdir(args.model):
             sys.exit(f"--model {args.model!r} is not a folder")
@@ -653,7 +812,11 @@ def main(argv=None):
             sys.exit(str(e))
         if not rows:
             sys.exit(f"{args.results}: no results")
-        print_summary(summarize(rows))
+        check = results_completeness(rows)
+        if check["off"] and not args.allow_incomplete:
+            sys.exit(f"{args.results} is incomplete: {describe(check)}. Pass --allow-incomplete to summarize it "
+                     "anyway (marked INCOMPLETE)")
+        print_summary(summarize(rows), check)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,50 @@ class CheckpointError(ValueError):
     """A checkpoint that does not fit the model: the message names every offending file or tensor."""
 
 
+def read_json(path):
+    """A json object file of a model folder (config, processor config, tokenizer side file). Malformed or not an
+    object: ValueError naming the file (a bare JSONDecodeError names neither file nor folder)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: malformed json ({e})") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a json object, not {type(obj).__name__}")
+    return obj
+
+
+def check_types(path, section, values, defaults):
+    """Refuse, naming the file and field, a json value whose type is not its default's: "2048" or 2.5 for a size,
+    true for a number, "false" for a boolean. Let through, they crash later in a bare TypeError, are truncated,
+    or read as true. An int passes for a float, a list for a tuple (item by item); null means absent."""
+    def fits(value, like):
+        if isinstance(like, (tuple, list)):
+            return isinstance(value, (tuple, list)) and all(fits(v, like[0]) for v in value)
+        if isinstance(like, bool) or isinstance(value, bool):  # bool is an int to Python, not to a config
+            return isinstance(like, bool) and isinstance(value, bool)
+        return isinstance(value, (int, float) if isinstance(like, float) else type(like))
+
+    def kind(like):
+        if isinstance(like, (tuple, list)):
+            return "a list of " + ("numbers" if isinstance(like[0], float) else "integers")
+        names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+        return names.get(type(like), "an object")
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: {section.rstrip('.')} must be an object, not {values!r}")
+    for key, like in defaults.items():
+        if values.get(key) is not None and not fits(values[key], like):
+            raise ValueError(f"{path}: {section}{key} must be {kind(like)}, not {values[key]!r}")
+
+
+def read_tokenizer(path):
+    """A tokenizer.json; unreadable: ValueError naming it (tokenizers raises a bare Exception naming no file)."""
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable tokenizer.json ({e})") from e
+
+
 def read_tensor_file(path):
     """One .safetensors or .bin file -> {name: tensor} on CPU, with a clear error for broken files."""
     if not os.path.isfile(path):
@@ -136,6 +180,10 @@ VQ_PRESETS = {
 }
 
 
+LLAMA_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "rms_norm_eps", "rope_theta", "max_position_embeddings")
+
+
 @dataclass
 class JanusConfig:
     # LLaMA decoder (absent fields take LlamaConfig's defaults, as the official loader does)
@@ -195,10 +243,11 @@ class JanusConfig:
         return self.gen_image_size // self.gen_patch_size
 
     @classmethod
-    def from_json(cls, cfg):
-        """Parse an original `multi_modality` config.json dict (or a transformers `janus` one)."""
+    def from_json(cls, cfg, path="config.json"):
+        """Parse an original `multi_modality` config.json dict (or a transformers `janus` one); `path` names the
+        file in errors."""
         if cfg.get("model_type") == "janus":
-            return cls._from_hf_json(cfg)
+            return cls._from_hf_json(cfg, path)
         try:
             lang = cfg["language_config"]
             vis = cfg["vision_config"]["params"]
@@ -207,28 +256,34 @@ class JanusConfig:
             aligner = cfg["aligner_config"]["params"]
             gen_aligner = cfg["gen_aligner_config"]["params"]
         except (KeyError, TypeError) as e:
-            raise ValueError(f"config.json is not a Janus multi_modality config: missing {e}") from e
+            raise ValueError(f"{path} is not a Janus multi_modality config: missing {e}") from e
+        check_types(path, "language_config.", lang, {f: getattr(cls, f) for f in LLAMA_FIELDS})
+        check_types(path, "vision_config.params.", vis,
+                    {**SIGLIP_PRESETS["siglip_large_patch16_384"], "model_name": "", "select_layer": -1})
+        check_types(path, "gen_vision_config.", gen_vis, {"cls": "", "params": {}})
+        check_types(path, "gen_vision_config.params.", gen_vis.get("params", {}),
+                    {**VQ_PRESETS["VQ-16"], "image_token_size": 1, "n_embed": 1})
+        for section, params in (("aligner_config", aligner), ("gen_aligner_config", gen_aligner),
+                                ("gen_head_config", gen_head)):
+            check_types(path, section + ".params.", params, dict(depth=1, n_embed=1, input_dim=1, image_token_size=1))
         if vis.get("model_name", "siglip_large_patch16_384") not in SIGLIP_PRESETS:
-            raise ValueError(f"unknown vision model_name {vis.get('model_name')!r}; known: {list(SIGLIP_PRESETS)}")
+            raise ValueError(f"{path}: unknown vision model_name {vis.get('model_name')!r}; "
+                             f"known: {list(SIGLIP_PRESETS)}")
         siglip = {**SIGLIP_PRESETS[vis.get("model_name", "siglip_large_patch16_384")], **vis}
         gen_cls = gen_vis.get("cls", "VQ-16")
         if ":" in gen_cls:  # a named image tokenizer: it needs only its sizes here, and takes its own params
             missing = [k for k in ("image_size", "patch_size", "image_token_size", "n_embed")
                        if k not in gen_vis.get("params", {})]
             if missing:
-                raise ValueError(f"config.json: gen_vision_config {gen_cls!r} needs params {missing}")
+                raise ValueError(f"{path}: gen_vision_config {gen_cls!r} needs params {missing}")
             vq = {**VQ_PRESETS["VQ-16"], **gen_vis["params"]}
         elif gen_cls not in VQ_PRESETS:
-            raise ValueError(f"unknown gen_vision cls {gen_cls!r}; known: {list(VQ_PRESETS)} or 'module:Class'")
+            raise ValueError(f"{path}: unknown gen_vision cls {gen_cls!r}; known: {list(VQ_PRESETS)} or 'module:Class'")
         else:
             vq = {**VQ_PRESETS[gen_cls], **gen_vis.get("params", {})}
-        for key in ("codebook_l2_norm", "codebook_show_usage"):  # "false" (a string) would read as true
-            if not isinstance(vq[key], bool):
-                raise ValueError(f"config.json: gen_vision_config params.{key} must be true or false, not {vq[key]!r}")
         select_layer = vis.get("select_layer", -1)
         c = cls()
-        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "rms_norm_eps", "rope_theta", "max_position_embeddings"):
+        for f in LLAMA_FIELDS:
             if lang.get(f) is not None:
                 setattr(c, f, type(getattr(c, f))(lang[f]))
         c = replace(
@@ -252,17 +307,21 @@ class JanusConfig:
                                 ("gen_head_config.n_embed", gen_head.get("n_embed"), c.hidden_size),
                                 ("gen_head_config.image_token_size", gen_head.get("image_token_size"), c.gen_vocab_size)):
             if got is not None and got != want:
-                raise ValueError(f"config.json: {name} = {got}, but the model needs {want}")
+                raise ValueError(f"{path}: {name} = {got}, but the model needs {want}")
         return c
 
     @classmethod
-    def _from_hf_json(cls, cfg):
+    def _from_hf_json(cls, cfg, path="config.json"):
         # transformers' JanusConfig field names (inferred from transformers.models.janus; the spec lists only
         # the converter's correspondences): text_config = LlamaConfig, vision_config, vq_config.
         text, vis, vq = cfg.get("text_config", {}), cfg.get("vision_config", {}), cfg.get("vq_config", {})
+        check_types(path, "text_config.", text, {f: getattr(cls, f) for f in LLAMA_FIELDS})
+        check_types(path, "vision_config.", vis, dict(image_size=1, patch_size=1, hidden_size=1, num_hidden_layers=1,
+                                                      num_attention_heads=1, mlp_ratio=1.0, depth=1))
+        check_types(path, "vq_config.", vq, dict(num_embeddings=1, embed_dim=1, latent_channels=1, base_channels=1,
+                                                 channel_multiplier=(1,), num_res_blocks=1, image_size=1, depth=1))
         c = cls()
-        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "rms_norm_eps", "rope_theta", "max_position_embeddings"):
+        for f in LLAMA_FIELDS:
             if text.get(f) is not None:
                 setattr(c, f, type(getattr(c, f))(text[f]))
         return replace(
@@ -892,10 +951,7 @@ def read_janus_checkpoint(ckpt_dir, roles=None):
     cfg_path = os.path.join(ckpt_dir, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"no config.json in {ckpt_dir}: not a Janus checkpoint folder")
-    try:
-        cfg = JanusConfig.from_json(json.load(open(cfg_path)))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: malformed json ({e})") from e
+    cfg = JanusConfig.from_json(read_json(cfg_path), cfg_path)
     user, assistant = janus_roles(ckpt_dir, roles)
     cfg = replace(cfg, user_role=user, assistant_role=assistant)
     sd = read_checkpoint(ckpt_dir)
@@ -964,18 +1020,18 @@ class JanusProcessor:
         path = os.path.join(ckpt_dir, "tokenizer.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no tokenizer.json in {ckpt_dir}")
-        self.tokenizer = Tokenizer.from_file(path)
+        self.tokenizer = read_tokenizer(path)
         missing = [s for s in JANUS_SPECIALS.values() if self.tokenizer.token_to_id(s) is None]
         if missing:
             raise ValueError(f"{path} lacks the special tokens {missing} that Janus needs")
         self.ids = {k: self.tokenizer.token_to_id(s) for k, s in JANUS_SPECIALS.items()}  # resolved by string
         self.cfg = cfg
-        pre = {}
-        if os.path.isfile(os.path.join(ckpt_dir, "preprocessor_config.json")):
-            pre = json.load(open(os.path.join(ckpt_dir, "preprocessor_config.json")))
-        proc = {}
-        if os.path.isfile(os.path.join(ckpt_dir, "processor_config.json")):
-            proc = json.load(open(os.path.join(ckpt_dir, "processor_config.json")))
+        pre_path, proc_path = (os.path.join(ckpt_dir, f) for f in ("preprocessor_config.json", "processor_config.json"))
+        pre = read_json(pre_path) if os.path.isfile(pre_path) else {}
+        check_types(pre_path, "", pre, dict(image_size=1, min_size=1, background_color=(1,), image_mean=(0.5,),
+                                            image_std=(0.5,), do_normalize=True))
+        proc = read_json(proc_path) if os.path.isfile(proc_path) else {}
+        check_types(proc_path, "", proc, dict(system_prompt=""))
         # real checkpoints always use the built-in system prompt; a toy checkpoint may ship a shorter one
         self.system_prompt = proc.get("system_prompt", JANUS_SYSTEM_PROMPT)
         self.image_size = pre.get("image_size", cfg.vit_image_size)
@@ -1156,13 +1212,17 @@ class ShowOConfig:
 
     @classmethod
     def from_json(cls, path):
-        raw = json.load(open(path))
-        known = {f.name for f in fields(cls)} - set(PHI_FIELDS)
-        kw = {k: v for k, v in raw.items() if k in known}  # unknown keys (_class_name, load_from_showo, ...) ignored
+        raw = read_json(path)
+        defaults = {f.name: f.default for f in fields(cls)}
+        known = set(defaults) - set(PHI_FIELDS)
+        check_types(path, "", raw, {k: defaults[k] for k in known})
+        # unknown keys (_class_name, load_from_showo, ...) are ignored; null means the default
+        kw = {k: v for k, v in raw.items() if k in known and v is not None}
         llm = raw.get("llm_config") or {}
+        check_types(path, "llm_config.", llm, {k: defaults[k] for k in PHI_FIELDS})
         if llm.get("rope_scaling") or llm.get("hidden_act", "gelu_new") != "gelu_new" or llm.get("tie_word_embeddings"):
             raise ValueError(f"{path}: llm_config asks for rope_scaling/hidden_act/tied embeddings Show-o never uses")
-        kw.update({k: llm[k] for k in PHI_FIELDS if k in llm})
+        kw.update({k: llm[k] for k in PHI_FIELDS if llm.get(k) is not None})
         return cls(**kw)
 
 
@@ -1342,7 +1402,7 @@ class ShowOTokenizer:
     def __init__(self, path):
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         folder = os.path.dirname(file)
-        self.tok = Tokenizer.from_file(file)
+        self.tok = read_tokenizer(file)
         additions = ["[PAD]", *SHOWO_SPECIALS]
         held = [t for t in additions if self.tok.token_to_id(t) is not None]
         if held and len(held) < len(additions):  # appending the rest would shift ids the model was trained with
@@ -1351,11 +1411,15 @@ class ShowOTokenizer:
         self.tok.add_special_tokens([AddedToken("[PAD]", special=True, normalized=False)])
         self.tok.add_tokens(list(SHOWO_SPECIALS))
         names = dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>")  # phi-1.5's, when no map says otherwise
-        for extra in ("tokenizer_config.json", "special_tokens_map.json"):
-            if os.path.isfile(os.path.join(folder, extra)):
-                found = json.load(open(os.path.join(folder, extra)))
-                names.update({k: found[k] if isinstance(found[k], str) else found[k]["content"]
-                              for k in names if found.get(k)})
+        for extra in (os.path.join(folder, f) for f in ("tokenizer_config.json", "special_tokens_map.json")):
+            found = read_json(extra) if os.path.isfile(extra) else {}
+            for k in names:
+                value = found.get(k)
+                text = value.get("content") if isinstance(value, dict) else value  # also AddedToken's {"content": s}
+                if value and not isinstance(text, str):
+                    raise ValueError(f"{extra}: {k} must be a string or {{\"content\": string}}, not {value!r}")
+                if value:
+                    names[k] = text
 
         def lookup(token, role):
             i = self.tok.token_to_id(token)
@@ -1503,8 +1567,12 @@ class MagvitConfig:
 
     @classmethod
     def from_json(cls, path):
-        raw = json.load(open(path))
-        known = {f.name for f in fields(VQGANCoderConfig)}
+        raw = read_json(path)
+        coder_defaults = {f.name: f.default for f in fields(VQGANCoderConfig)}
+        for part in ("encoder", "decoder"):
+            check_types(path, part + ".", raw.get(part, {}), coder_defaults)
+        check_types(path, "quantizer.", raw.get("quantizer", {}), dict(codebook_dim=1, codebook_size=1))
+        known = set(coder_defaults)
         coder = lambda d, default: replace(default, **{k: tuple(v) if isinstance(v, list) else v
                                                        for k, v in d.items() if k in known})
         default = cls()
@@ -1659,7 +1727,7 @@ class ShowOProcessor:
         """What a checkpoint folder needs beyond its weights and the source's json files: MAGVIT-v2, as
         magvit_config.json + magvit.safetensors, so that the folder loads on its own (also when it came from --vq)."""
         from safetensors.torch import save_file
-        config = json.load(open(self.vq_config)) if self.vq_config else {}
+        config = read_json(self.vq_config) if self.vq_config else {}
         with open(os.path.join(out, "magvit_config.json"), "w") as f:
             json.dump(config, f, indent=1)
         save_file({k: v.detach().contiguous().cpu() for k, v in self.vq.state_dict().items()},
@@ -1709,7 +1777,7 @@ def load_model(ckpt_dir, device=None, dtype=None, vq_dir=None, roles=None):
     path = os.path.join(ckpt_dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no config.json in {ckpt_dir}: not a checkpoint folder")
-    cfg = json.load(open(path))
+    cfg = read_json(path)
     if cfg.get("model_type") in ("multi_modality", "janus"):
         return load_janus(ckpt_dir, device, dtype, roles)
     if roles is not None:

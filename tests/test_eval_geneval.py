@@ -2,6 +2,7 @@
 layout, and the summary formula. No weights: ScriptedDetector reads detections written into the test PNGs."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -231,9 +232,9 @@ def test_summary_is_the_unweighted_tag_mean(tmp_path, capsys):
     assert (s["n_images_correct"], s["n_images"]) == (5, 8)
     assert (s["n_prompts_correct"], s["n_prompts"]) == (3, 4)  # A, B, D have an image right
     # an official-evaluator file: pandas records with "\/" escapes and no `evaluator` key
-    lines = [json.dumps(r).replace("/", "\\/") for r in rows]
-    (tmp_path / "official.jsonl").write_text("\n".join('{"filename":"out\\/0\\/samples\\/0.png",' + l[1:]
-                                                       for l in lines))
+    names = [f"out/{i // 2:05d}/samples/{i % 2:05d}.png" for i in range(len(rows))]  # 4 prompts x 2 images
+    lines = [json.dumps(dict(filename=name, **r)).replace("/", "\\/") for name, r in zip(names, rows)]
+    (tmp_path / "official.jsonl").write_text("\n".join(lines))
     ge.main(["summary", str(tmp_path / "official.jsonl")])
     out = capsys.readouterr().out.splitlines()
     assert out[-1] == "GenEval overall: 0.5833"
@@ -387,3 +388,199 @@ def test_results_with_a_string_verdict_or_an_unknown_tag_are_refused_by_line(tmp
     with pytest.raises(SystemExit) as exit:
         ge.main(["summary", str(path)])
     assert str(exit.value.code).startswith(f"{path}:2: {message}")
+
+
+# -----------------------------------------------------------------------------------------------------------
+# bookkeeping: a folder or results file missing prompts or samples is refused (or scored marked INCOMPLETE)
+
+CLASSES4 = ["bench", "cat", "dog", "cup"]
+
+
+def four_prompts(tmp_path, config=True):
+    """OUT with 4 single_object prompts x 2 images, prompts 0-1 drawn right and 2-3 wrong (GenEval 0.5), and the
+    OUT/config.json `generate` would write (its metadata file and images per prompt)."""
+    rows = [{"tag": "single_object", "include": [{"class": c, "count": 1}], "prompt": f"a photo of a {c}",
+             "question": "What is the main item in this image?", "answer": c} for c in CLASSES4]
+    meta = tmp_path / "meta.jsonl"
+    meta.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    for i, row in enumerate(rows):
+        seen = [(row["include"][0]["class"], (5, 5, 40, 40), 0.9, "brown")] if i < 2 else []
+        write_prompt(out, i, row, [seen, seen])
+    if config:
+        (out / "config.json").write_text(json.dumps(dict(metadata=str(meta), images_per_prompt=2)))
+    return out
+
+
+def exit_message(argv):
+    with pytest.raises(SystemExit) as exit:
+        ge.main(argv)
+    return str(exit.value.code)
+
+
+@pytest.mark.parametrize("config", [True, False], ids=["config.json", "inferred"])
+def test_score_refuses_a_folder_missing_prompts_or_samples(tmp_path, capsys, config):
+    """Deleting the failing prompts' folders must not turn 0.50 into 1.00. With OUT/config.json the expected
+    counts are known (so even the last prompt's folder is missed); without it they are inferred (contiguous
+    indices up to the highest, the most common number of images)."""
+    out, results = four_prompts(tmp_path, config), tmp_path / "results.jsonl"
+    score = ["score", "--imagedir", str(out), "--outfile", str(results)]
+    ge.main(score)
+    assert capsys.readouterr().out.splitlines()[-1] == "GenEval overall: 0.5000"
+    shutil.rmtree(out / "00002")
+    os.remove(out / "00001" / "samples" / "00001.png")
+    if config:
+        shutil.rmtree(out / "00003")
+    message = exit_message(score)
+    assert "00001 1/2" in message and "00002 0/2" in message and "--allow-incomplete" in message
+    assert ("00003 0/2" in message) == config
+    assert ("config.json" if config else "inferred") in message
+    assert len(ge.read_results(results)) == 8  # refused before judging anything: the old results stand
+    ge.main(score + ["--allow-incomplete"])
+    printed = capsys.readouterr().out
+    assert "INCOMPLETE" in printed and ("3 of 4 prompts" if config else "2 of 4 prompts") in printed
+    assert printed.splitlines()[-1].startswith("GenEval overall: 1.0000 INCOMPLETE" if config
+                                               else "GenEval overall: 0.6000 INCOMPLETE")
+
+
+def test_summary_refuses_results_missing_rows_using_the_counts_score_recorded(tmp_path, capsys):
+    out, results = four_prompts(tmp_path), tmp_path / "results.jsonl"
+    ge.main(["score", "--imagedir", str(out), "--outfile", str(results)])
+    lines = results.read_text().splitlines()
+    results.write_text("\n".join(lines[:4]) + "\n")  # prompts 2 and 3, the failing ones, dropped
+    message = exit_message(["summary", str(results)])
+    assert "2 of 4 prompts" in message and "00002 0/2" in message and "00003 0/2" in message
+    capsys.readouterr()
+    ge.main(["summary", str(results), "--allow-incomplete"])
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-1].startswith("GenEval overall: 1.0000 INCOMPLETE")
+
+
+def official_rows(prompts, per_prompt=4):
+    """Official-evaluator rows (no `expected` key): filename OUT/<index>/samples/<k>.png, index-major."""
+    return [dict(filename=f"/x/out/{i:05d}/samples/{k:04d}.png", tag="single_object", prompt=p, correct=k % 2 == 0,
+                 reason="", metadata=json.dumps({"tag": "single_object", "prompt": p}))
+            for i, p in enumerate(prompts) for k in range(per_prompt)]
+
+
+def write_official(path, rows):
+    path.write_text("".join(json.dumps(r).replace("/", "\\/") + "\n" for r in rows))
+    return str(path)
+
+
+def test_summary_of_official_results_infers_what_it_can_and_says_so(tmp_path, capsys):
+    rows = official_rows(["a photo of a x", "a photo of a y", "a photo of a z"])
+    ge.main(["summary", write_official(tmp_path / "full.jsonl", rows)])
+    printed = capsys.readouterr().out
+    assert "inferred" in printed and "INCOMPLETE" not in printed
+    message = exit_message(["summary", write_official(tmp_path / "short.jsonl", rows[:5] + rows[6:])])
+    assert "00001 3/4" in message and "inferred" in message and "most common" in message
+    message = exit_message(["summary", write_official(tmp_path / "gap.jsonl", rows[:4] + rows[8:])])
+    assert "00001 0/4" in message
+    ge.main(["summary", str(tmp_path / "gap.jsonl"), "--allow-incomplete"])
+    printed = capsys.readouterr().out
+    assert "INCOMPLETE" in printed and "inferred" in printed
+
+
+def test_summary_of_geneval_prompts_expects_all_553(tmp_path):
+    """Rows whose prompts are GenEval's own (the shipped metadata, index for index) expect all 553 prompts: a
+    results file that stops early is caught although its indices are contiguous."""
+    from data_paths import GENEVAL
+    shipped = [json.loads(l)["prompt"] for l in open(os.path.join(GENEVAL, "evaluation_metadata.jsonl")) if l.strip()]
+    message = exit_message(["summary", write_official(tmp_path / "r.jsonl", official_rows(shipped[:3]))])
+    assert "550 of 553 prompts" in message and "GenEval" in message
+
+
+def test_summary_refuses_a_duplicated_image(tmp_path):
+    rows = official_rows(["a photo of a x"])
+    message = exit_message(["summary", write_official(tmp_path / "r.jsonl", rows + rows[1:2])])
+    assert message.startswith(f"{tmp_path / 'r.jsonl'}:5: ") and "line 2" in message
+
+
+class Flaky:
+    """A detector that fails on images holding a scripted "boom" object (a CUDA error on one image, say)."""
+    name = "flaky (test)"
+
+    def __call__(self, image):
+        found = ge.ScriptedDetector()(image)
+        if "boom" in found:
+            raise RuntimeError("boom on this image")
+        return found
+
+
+def test_one_bad_image_is_reported_and_skipped_never_losing_the_rest(tmp_path, capsys):
+    out, results = four_prompts(tmp_path), tmp_path / "results.jsonl"
+    cut = out / "00001" / "samples" / "00000.png"
+    cut.write_bytes(cut.read_bytes()[:60])  # truncated
+    ge.write_scripted_sample(out / "00002" / "samples" / "00001.png", [("boom", (0, 0, 9, 9), 0.9, "red")])
+    message = exit_message(["score", "--imagedir", str(out), "--outfile", str(results),
+                            "--detector", "test_eval_geneval:Flaky"])
+    captured = capsys.readouterr()
+    assert f"{cut}:" in captured.err and "boom on this image" in captured.err
+    assert "2 images could not be judged" in message
+    assert len(ge.read_results(results)) == 6  # every other image is scored and written
+    assert "INCOMPLETE" in captured.out and "2 of 4 prompts" in captured.out
+
+
+def test_rows_scored_before_an_interrupt_survive(tmp_path):
+    out, results = four_prompts(tmp_path), tmp_path / "results.jsonl"
+    calls = []
+
+    def detector(image):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return ge.ScriptedDetector()(image)
+
+    with pytest.raises(KeyboardInterrupt):
+        ge.score(str(out), str(results), detector, PALETTE)
+    assert len(ge.read_results(results)) == 2
+
+
+# -------------------------------------------------------------------------------------------------- selfcheck, files
+
+
+def test_selfcheck_refuses_qa_rows_of_other_prompts(tmp_path):
+    out = four_prompts(tmp_path)
+    rows = [json.loads(l) for l in (tmp_path / "meta.jsonl").read_text().splitlines()]
+    rows[2] = {**rows[2], "prompt": "a photo of a horse", "answer": "horse"}
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError) as err:
+        ge.self_check_folder(MODEL_DIRS[0], str(out), str(qa))
+    message = str(err.value)
+    assert str(out / "00002" / "metadata.jsonl") in message and f"{qa}:3" in message
+    assert "'a photo of a dog'" in message and "'a photo of a horse'" in message
+    qa.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))  # fewer QA rows than prompt folders
+    with pytest.raises(ValueError, match=f"{qa} has 2 rows"):
+        ge.self_check_folder(MODEL_DIRS[0], str(out), str(qa))
+
+
+def test_a_malformed_qa_or_metadata_line_is_named(tmp_path):
+    out = four_prompts(tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text((tmp_path / "meta.jsonl").read_text().replace('"cat"}', '"cat"', 1))
+    with pytest.raises(ValueError, match=f"{bad}:2: "):
+        ge.self_check_folder(MODEL_DIRS[0], str(out), str(bad))
+    with pytest.raises(ValueError, match=f"{bad}:2: "):
+        ge.generate_images(MODEL_DIRS[0], str(bad), str(tmp_path / "new"))
+
+
+def test_a_malformed_or_mistyped_config_json_of_a_folder_is_named(tmp_path):
+    out = four_prompts(tmp_path)
+    config = out / "config.json"
+    config.write_text('{"images_per_prompt": 2,')
+    with pytest.raises(ValueError, match=f"{config}: malformed json"):
+        ge.generate_images(MODEL_DIRS[0], str(tmp_path / "meta.jsonl"), str(out), n=2)
+    assert exit_message(["score", "--imagedir", str(out)]).startswith(f"{config}: malformed json")
+    config.write_text(json.dumps(dict(metadata=str(tmp_path / "meta.jsonl"), images_per_prompt="2")))
+    assert exit_message(["score", "--imagedir", str(out)]).startswith(f"{config}: images_per_prompt must be")
+
+
+def test_a_prompt_folder_metadata_that_is_not_one_object_with_a_geneval_tag_is_named(tmp_path):
+    out = four_prompts(tmp_path)
+    meta = out / "00001" / "metadata.jsonl"
+    meta.write_text("[1, 2]\n")
+    assert exit_message(["score", "--imagedir", str(out)]).startswith(f"{meta}: ")
+    meta.write_text(json.dumps({"tag": "colour", "prompt": "p"}))
+    assert f"{meta}: unknown tag 'colour'" in exit_message(["score", "--imagedir", str(out)])
