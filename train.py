@@ -12,7 +12,7 @@ What lives on each GPU: the policy in fp32 (master weights, gradients, AdamW's t
 one shard of every block under FSDP2 (--fsdp); with --dtype bf16 (or under FSDP) a bf16 sampler copy of the
 whole model that draws the rollouts and is refreshed in place after every optimizer step (in fp32 without FSDP
 the policy samples itself); and, for GRPO with beta > 0 or --frozen-judge, a frozen copy of the initial
-weights in the sampling dtype: the KL reference and/or the judge. With --lora-rank: the base in the sampling
+weights in the sampling dtype: the KL reference and/or the judge (a reference alone is sharded under FSDP2). With --lora-rank: the base in the sampling
 dtype, only the adapters (and their Adam state) in fp32, no reference copy (the adapters switched off), and the
 policy samples itself (under FSDP the sampler copy stays).
 
@@ -325,7 +325,8 @@ class Objective(nn.Module):
     def __init__(self, model, processor, args, ref_model=None):
         super().__init__()
         self.model, self.processor, self.args = model, processor, args
-        self.frozen = (ref_model,)  # a tuple, so the reference is no submodule: never sharded, saved or all-gathered
+        # a tuple, so that the reference is no submodule: not saved, not in the policy's shards
+        self.frozen = (Reference(ref_model, self.logprobs) if ref_model is not None else None,)
 
     def logprobs(self, model, ro, replay_steps=None):
         """The segments GRPO trains (--optimize), under `model`: {"img": (logp, mask), "ans": (logp, mask)}."""
@@ -362,7 +363,8 @@ class Objective(nn.Module):
         ref = {}
         if a.beta > 0 and (ref_model is not None or a.lora_rank):
             with torch.no_grad(), lora.adapters_off(self.model):  # a no-op without LoRA
-                ref = {part: lp for part, (lp, _) in self.logprobs(ref_model or self.model, ro, steps).items()}
+                ref = ref_model(ro, steps) if ref_model is not None else self.logprobs(self.model, ro, steps)
+                ref = {part: lp for part, (lp, _) in ref.items()}
         old = ro.logp_old or {}
         loss, stats = 0.0, {}
         for part, (lp, mask) in policy.items():
@@ -373,6 +375,18 @@ class Objective(nn.Module):
             stats.update({f"{part}_{k}": v for k, v in s.items()})
             loss = loss + value
         return loss, stats
+
+
+class Reference(nn.Module):
+    """The frozen reference policy whose forward gives its log-probs of a rollout, so that under FSDP2 it can be
+    sharded like the policy: its shards are gathered in forward, block by block."""
+
+    def __init__(self, model, logprobs):
+        super().__init__()
+        self.model, self.logprobs = model, logprobs
+
+    def forward(self, ro, replay_steps=None):
+        return self.logprobs(self.model, ro, replay_steps)
 
 
 def lr_at(step, args):
@@ -423,8 +437,9 @@ def build_training(args, model, processor, device, world):
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     frozen = None
     wants_ref = args.algo == "grpo" and args.beta > 0 and not args.lora_rank  # LoRA: the adapters switched off
-    if wants_ref or args.frozen_judge:  # a frozen copy of the initial weights
-        frozen = copy.deepcopy(model).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    shard_ref = args.fsdp and wants_ref and not args.frozen_judge  # a judge samples: it stays whole
+    if wants_ref or args.frozen_judge:  # a frozen copy of the initial weights (sharded: fully_shard moves it)
+        frozen = copy.deepcopy(model).to(device="cpu" if shard_ref else device, dtype=dtype).eval().requires_grad_(False)
         for layer in lora.lora_layers(frozen).values():  # the initial weights are the base's
             layer.enabled = False
     ref_model = frozen if wants_ref else None
@@ -439,9 +454,15 @@ def build_training(args, model, processor, device, world):
         for block in model.blocks:
             fully_shard(block, mp_policy=mp)
         fully_shard(objective, mp_policy=mp)
+        if shard_ref:  # the reference only reads: its shards are gathered block by block as the policy's
+            for block in frozen.blocks:
+                fully_shard(block, mp_policy=mp)
+            fully_shard(objective.frozen[0], mp_policy=mp)
         train_module = objective
     elif world > 1:
-        train_module = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+        # gradient_as_bucket_view: the gradients are views into DDP's all-reduce buckets, not a second copy
+        train_module = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda"
+                                                           else None, gradient_as_bucket_view=True)
     else:
         train_module = objective
     params = [p for p in model.parameters() if p.requires_grad]
