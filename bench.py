@@ -1,5 +1,6 @@
 """
-Sampling speed: the official-style Janus loop against ours, and both against the memory roofline.
+Sampling speed: the official-style Janus loop against ours, and both against the memory roofline. And memory: the
+peak per GPU of one real training step at full size, simulated on fake tensors (--memory).
 
     plain  = the official generation_inference.py structure: interleaved cond/uncond rows, a KV cache grown by
              concatenation every step, no compile, torch.multinomial
@@ -11,19 +12,35 @@ Usage:
     python bench.py --cpu        # tiny random models, eager, < 2 minutes on 2 cores
     python bench.py              # GPU: Janus-Pro-1B/-7B (16 images x 576 tokens) and Show-o-512 (16 images x 16
                                  # steps) shapes, random bf16 weights
+    python bench.py --memory     # any machine: peak GPU memory of one training step at full size (fake tensors)
 
 Show-o: plain = Showo.t2i_generate's structure (a full forward and full-vocabulary logits at every position, every
 step); ours = generate.showo_maskgit (logits at image positions over codebook columns, text-block keys cached).
 """
 import argparse
+import contextlib
+import importlib
+import os
+import tempfile
 import time
+import warnings
+import weakref
 from dataclasses import replace
+from unittest import mock
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import generate
-from model import JANUS_CONFIGS, Janus, ShowO, ShowOConfig, apply_rope, omni_attention_mask, rope_cos_sin
+import lora
+import model as model_py
+import reward
+from model import JANUS_CONFIGS, JANUS_SYSTEM_PROMPT, Janus, ShowO, ShowOConfig, apply_rope, omni_attention_mask, \
+    rope_cos_sin
 
 
 class FixedPrompt:
@@ -196,12 +213,267 @@ def bench_showo(name, cfg, device, dtype, n_images, text_len, steps, repeats):
     return plain, ours
 
 
+# -----------------------------------------------------------------------------------------------------------
+# Memory: one real training step (rollout + loss + backward + AdamW step) at full size on fake tensors.
+# FakeTensorMode gives every tensor its shape, dtype and device without storage; MemTracker (FSDPMemTracker for
+# FSDP2, over a fake process group of W ranks, as rank 0) records every storage's life and reports the peak by
+# category. Nothing is computed, so the few host reads of device values get stand-ins (HostValues): "not all
+# finished" keeps every answer running to its budget, the worst case; image bytes read as zeros.
+
+MEMORY_RUNS = {  # name: (family, train.py flags, ranks). The paper's recipe: group sizes 8 Janus, 3 Show-o; 576 /
+    # 1024 image tokens with their CFG rows; answers run to the 100-token budget; beta 0.2 (a reference); bf16.
+    "janus-pro-1b, DDP x 8, group 8": ("janus-pro-1b", [], 8),
+    "janus-pro-1b, DDP x 8, group 8, AC": ("janus-pro-1b", ["--activation-checkpointing"], 8),
+    "janus-pro-7b, FSDP2 x 8, group 8, AC": ("janus-pro-7b", ["--fsdp", "--activation-checkpointing"], 8),
+    "janus-pro-7b, LoRA r64, 1 GPU, group 8, AC": ("janus-pro-7b", ["--lora-rank", "64", "--lora-alpha", "128",
+                                                                    "--activation-checkpointing"], 1),
+    "show-o-512, DDP x 8, group 3": ("show-o-512", [], 8),
+}
+
+
+class HostValues(TorchDispatchMode):
+    """Answers what a fake tensor cannot: reads of device values (item, tolist, bool) get False for a bool - in
+    this code 'has every answer ended?' and 'is any prompt padded?' - and 1 for a number (Adam's step count, and
+    ids and rewards that steer nothing the memory depends on); and a boolean mask selects every element (its one use on this path marks the image
+    slots of the understanding prompts, which are all filled)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            return False if args[0].dtype == torch.bool else 1
+        if func is torch.ops.aten.nonzero.default:
+            return every_index(args[0])
+        if func is torch.ops.aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1]):
+            indices = [j for i in args[1] for j in (every_index(i).unbind(1) if i is not None and
+                                                    i.dtype == torch.bool else [i])]
+            return func(args[0], indices)
+        return func(*args, **(kwargs or {}))
+
+
+def every_index(mask):
+    """mask.nonzero() of an all-True mask of this shape."""
+    grid = torch.meshgrid(*[torch.arange(n, device=mask.device) for n in mask.shape], indexing="ij")
+    return torch.stack(grid, -1).reshape(-1, mask.dim())
+
+
+class PeakMemory(TorchDispatchMode):
+    """The bytes of every live tensor storage, by category, and their peak. A storage counts from the op that
+    creates it until it is freed (its last reference gone, or resized to 0 as FSDP2 frees a gathered block); its
+    category is the phase it was made in, unless labelled (weights, gradients, optimizer state). PyTorch's
+    MemTracker does the same, but refuses a module called twice in a step - and every decode step calls it."""
+
+    def __init__(self):
+        self.storages = {}  # id(storage) -> [bytes, category]
+        self.by_category, self.total, self.peak, self.at_peak = {}, 0, 0, {}
+        self.phase = self.peak_phase = "rollout"
+
+    def count(self, category, n):
+        self.by_category[category] = self.by_category.get(category, 0) + n
+        self.total += n
+        if self.total > self.peak:
+            self.peak, self.peak_phase, self.at_peak = self.total, self.phase, dict(self.by_category)
+
+    def add(self, storage, category):
+        entry = self.storages.get(id(storage))
+        if entry is None:
+            self.storages[id(storage)] = [storage.nbytes(), category]
+            weakref.finalize(storage, self.free, id(storage))
+            self.count(category, storage.nbytes())
+        elif category != self.phase and entry[1] != category:  # a label wins over the phase
+            self.count(entry[1], -entry[0])
+            entry[1] = category
+            self.count(category, entry[0])
+
+    def free(self, key):
+        n, category = self.storages.pop(key)
+        self.count(category, -n)
+
+    def resized(self, storage):
+        entry = self.storages.get(id(storage))
+        if entry is not None:
+            self.count(entry[1], storage.nbytes() - entry[0])
+            entry[0] = storage.nbytes()
+
+    def label(self, tensors, category):
+        for t in tensors:
+            t = t.to_local() if isinstance(t, DTensor) else t
+            if t is not None:
+                self.add(t.untyped_storage(), category)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(t is DTensor for t in types):
+            return NotImplemented  # let DTensor turn it into ops on the local shards, which come back here
+        out = func(*args, **(kwargs or {}))
+        if not self.propagating:
+            self.label([t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)], self.phase)
+        return out
+
+    def __enter__(self):
+        from torch.distributed.tensor._sharding_prop import ShardingPropagator
+        self.propagating, resize, propagate = 0, torch.UntypedStorage.resize_, \
+            ShardingPropagator._propagate_tensor_meta_non_cached
+
+        def resize_(storage, size):
+            resize(storage, size)
+            self.resized(storage)
+
+        def shapes_only(*args, **kwargs):  # DTensor working out an op's output shape on global-size stand-ins
+            self.propagating += 1
+            try:
+                return propagate(*args, **kwargs)
+            finally:
+                self.propagating -= 1
+        self.patches = [mock.patch.object(torch.UntypedStorage, "resize_", resize_),
+                        mock.patch.object(ShardingPropagator, "_propagate_tensor_meta_non_cached", shapes_only)]
+        for p in self.patches:
+            p.start()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for p in self.patches:
+            p.stop()
+        return super().__exit__(*exc)
+
+
+@contextlib.contextmanager
+def fake_world(ranks):
+    """A fake process group of `ranks` ranks (this process is rank 0): collectives return at once. Its device
+    mesh is made here, before fake tensors, as fully_shard would make it (its rank list must be real)."""
+    if ranks == 1:
+        yield
+        return
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=ranks)
+    mesh = init_device_mesh("cpu", (ranks,))
+    fsdp = importlib.import_module("torch.distributed.fsdp._fully_shard._fully_shard")
+    try:
+        with mock.patch.object(fsdp, "_init_default_mesh", lambda: mesh):
+            yield
+    finally:
+        dist.destroy_process_group()
+
+
+def fake_model(family):
+    """The model (a MEMORY_RUNS family name, or a JanusConfig / ShowOConfig) and a processor of its sizes. The
+    text tokenizer is the test fixtures' (real ones are not shipped): only lengths matter here, and prompts
+    tokenise to about as many ids."""
+    from model import JanusProcessor, MagvitConfig, MagvitV2, ShowOTokenizer, ShowOProcessor
+    fixtures = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "fixtures")  # shipped
+    cfg = family if not isinstance(family, str) else \
+        ShowOConfig(num_vq_tokens=1024) if family == "show-o-512" else JANUS_CONFIGS[family]
+    if isinstance(cfg, ShowOConfig):
+        magvit = MagvitV2(MagvitConfig()).eval()  # the real one at any Show-o size: it is a separate checkpoint
+        return ShowO(cfg), ShowOProcessor(ShowOTokenizer(os.path.join(fixtures, "showo_tiny")), magvit,
+                                          cfg.max_seq_length)
+    processor = JanusProcessor(os.path.join(fixtures, "janus_tiny"), cfg)
+    processor.system_prompt, processor.image_size = JANUS_SYSTEM_PROMPT, cfg.vit_image_size
+    return Janus(cfg), processor
+
+
+def simulate_step(family, flags, ranks, short=True, fake=True):
+    """One train.py step of this configuration on fake tensors -> the PeakMemory of one GPU (rank 0).
+    short: the image-token loop runs two steps (first_decode_steps); fake=False: real tensors (for the tests)."""
+    import train
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with tempfile.TemporaryDirectory() as folder, fake_world(ranks), \
+            FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext(), mock.patch.object(torch.Tensor, "numpy", zeros_numpy), \
+            mock.patch("torch.utils.weakref.getweakrefs", return_value=[]), \
+            mock.patch.object(generate, "tqdm", first_decode_steps if short else generate.tqdm), \
+            mock.patch.dict(model_py._rotary_tables), warnings.catch_warnings():  # fake tables stay in here
+        # Module.to swaps each fake parameter for its converted twin, which torch refuses while a weak reference
+        # points at it - and FakeTensorMode's own memo always holds one
+        warnings.filterwarnings("ignore", "Accessing the data pointer of FakeTensor")  # torch's own deepcopy does
+        args = train.build_parser().parse_args(["--model", folder, "--dtype", "bf16", "--exclude", "none",
+                                                "--device", "cpu", *flags])
+        model, processor = fake_model(family)
+        train.resolve_defaults(args, model)
+        if args.lora_rank:  # as train.setup: the base in the sampling dtype, fp32 adapters
+            model.to(torch.bfloat16)
+            lora.apply_lora(model, args.lora_rank, args.lora_alpha, lora.target_regex(model, args.lora_targets))
+        else:
+            train.set_trainable(model)
+        model.checkpointing = args.activation_checkpointing
+        # DDP's C++ reducer reads real data, so a DDP run is simulated as one process: with
+        # gradient_as_bucket_view its buckets are the gradients, so a rank holds what one process holds
+        train_module, objective, sampler, judge, params, optimizer = train.build_training(
+            args, model, processor, torch.device("cpu"), ranks if args.fsdp else 1)
+        memory = PeakMemory()
+        for module in (model, sampler, objective.frozen[0], judge, getattr(processor, "vq", None)):
+            if module is not None:
+                memory.label([*module.parameters(), *module.buffers()], "weights")
+        for group in optimizer.param_groups:  # CUDA's default: foreach kernels, with their temporaries
+            group["foreach"] = True
+        for p in params:  # a step past the first: Adam's state exists (one step on zero gradients makes it)
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        memory.label([t for state in optimizer.state.values() for t in state.values()], "optimizer state")
+        for p in params:
+            p.register_post_accumulate_grad_hook(lambda p: memory.label([p.grad], "gradients"))
+        tasks = [max(reward.make_tasks(200, 0), key=lambda t: len(t["prompt"]) + len(t["question"]))]
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+        with memory, HostValues():
+            rollouts = train.collect_rollouts(args, sampler, processor, tasks, judge, None, 0, 0, ranks,
+                                              torch.device("cpu"))
+            model.train()
+            for ro in rollouts:
+                memory.phase = "loss forward"
+                with autocast:
+                    loss, _ = train_module(ro)
+                memory.phase = "backward"
+                loss.backward()
+            memory.phase = "optimizer step"
+            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return memory
+
+
+def first_decode_steps(steps, **tqdm_kwargs):
+    """generate.py's image-token loop cut to its first two steps. A decode step writes one slot of a KV cache
+    allocated in full before the loop (as are the token and log-prob buffers) and frees its temporaries, so every
+    step holds what the first does, but for an attention row 2 bytes a slot longer: running all 576 would only
+    take minutes. tests/test_bench.py checks that the peak equals a full run's."""
+    return list(steps)[:2]
+
+
+def zeros_numpy(t, *args, **kwargs):
+    """Tensor.numpy for fake tensors: zeros of its shape (PIL only carries them to the ViT preprocessing)."""
+    import numpy as np
+    return np.zeros(t.shape, dtype=str(t.dtype).removeprefix("torch."))
+
+
+MEMORY_COLUMNS = ("weights", "optimizer state", "gradients", "rollout", "loss forward", "backward", "optimizer step")
+
+
+def memory_table(only=None):
+    """The peak of each MEMORY_RUNS configuration, and what was alive at that moment, in GB (1e9 bytes)."""
+    print("peak memory per GPU of one GRPO step (rollout + loss + backward + AdamW), simulated at full size on fake "
+          "tensors;\nGB = 1e9 bytes; categories: what was alive at the peak, by the phase that made it (rollout = KV "
+          "caches, images, answers)\n")
+    print("| configuration | peak GB | at | " + " | ".join(MEMORY_COLUMNS) + " |")
+    print("|---|---|---|" + "---|" * len(MEMORY_COLUMNS))
+    for name, (family, flags, ranks) in MEMORY_RUNS.items():
+        if only and only not in name:
+            continue
+        t0 = time.perf_counter()
+        memory = simulate_step(family, flags, ranks)
+        cells = " | ".join(f"{memory.at_peak.get(c, 0) / 1e9:.1f}" for c in MEMORY_COLUMNS)
+        print(f"| {name} | **{memory.peak / 1e9:.1f}** | {memory.peak_phase} | {cells} |  ({time.perf_counter() - t0:.0f} s)",
+              flush=True)
+
+
 def main():
     global BANDWIDTH
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu", action="store_true", help="tiny model on the CPU (eager)")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--memory", action="store_true",
+                    help="peak GPU memory of a training step at full size, on fake tensors (any machine, minutes)")
+    ap.add_argument("--only", help="--memory: only the configurations whose name contains this")
     args = ap.parse_args()
+    if args.memory:
+        return memory_table(args.only)
     device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
     torch.manual_seed(0)
     BANDWIDTH = copy_bandwidth(device)
