@@ -19,6 +19,7 @@ step); ours = generate.showo_maskgit (logits at image positions over codebook co
 """
 import argparse
 import contextlib
+import gc
 import importlib
 import os
 import tempfile
@@ -215,10 +216,10 @@ def bench_showo(name, cfg, device, dtype, n_images, text_len, steps, repeats):
 
 # -----------------------------------------------------------------------------------------------------------
 # Memory: one real training step (rollout + loss + backward + AdamW step) at full size on fake tensors.
-# FakeTensorMode gives every tensor its shape, dtype and device without storage; MemTracker (FSDPMemTracker for
-# FSDP2, over a fake process group of W ranks, as rank 0) records every storage's life and reports the peak by
-# category. Nothing is computed, so the few host reads of device values get stand-ins (HostValues): "not all
-# finished" keeps every answer running to its budget, the worst case; image bytes read as zeros.
+# FakeTensorMode gives every tensor its shape, dtype and device without storage; PeakMemory records every storage's
+# life and the peak by category, on one rank of a fake process group of W ranks (FSDP2). Nothing is computed, so
+# the few host reads of device values get stand-ins (HostValues): "not all finished" keeps every answer running to
+# its budget, the worst case; image bytes read as zeros.
 
 MEMORY_RUNS = {  # name: (family, train.py flags, ranks). The paper's recipe: group sizes 8 Janus, 3 Show-o; 576 /
     # 1024 image tokens with their CFG rows; answers run to the 100-token budget; beta 0.2 (a reference); bf16.
@@ -234,8 +235,8 @@ MEMORY_RUNS = {  # name: (family, train.py flags, ranks). The paper's recipe: gr
 class HostValues(TorchDispatchMode):
     """Answers what a fake tensor cannot: reads of device values (item, tolist, bool) get False for a bool - in
     this code 'has every answer ended?' and 'is any prompt padded?' - and 1 for a number (Adam's step count, and
-    ids and rewards that steer nothing the memory depends on); and a boolean mask selects every element (its one use on this path marks the image
-    slots of the understanding prompts, which are all filled)."""
+    ids and rewards that steer nothing the memory depends on); and a boolean mask selects every element (its one
+    use on this path marks the image slots of the understanding prompts, which are all filled)."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default:
@@ -370,19 +371,38 @@ def fake_model(family):
     return Janus(cfg), processor
 
 
+@contextlib.contextmanager
+def simulation(ranks, short, fake):
+    """The world a simulated step runs in -> a scratch folder for --model (the parser wants one)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with contextlib.ExitStack() as stack:
+        folder = stack.enter_context(tempfile.TemporaryDirectory())
+        stack.enter_context(fake_world(ranks))
+        if fake:
+            stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+        stack.enter_context(mock.patch.object(torch.Tensor, "numpy", zeros_numpy))
+        # Module.to swaps each fake parameter for its converted twin, which torch refuses while a weak reference
+        # points at it - and FakeTensorMode's own memo always holds one
+        stack.enter_context(mock.patch("torch.utils.weakref.getweakrefs", return_value=[]))
+        if short:
+            stack.enter_context(mock.patch.object(generate, "tqdm", first_decode_steps))
+        stack.enter_context(mock.patch.dict(model_py._rotary_tables))  # Show-o's tables made of fakes stay here
+        stack.enter_context(warnings.catch_warnings())
+        warnings.filterwarnings("ignore", "Accessing the data pointer of FakeTensor")  # torch's own deepcopy does
+        # tensors held in reference cycles wait for the collector, whose timing varies from run to run: none runs
+        # during the step, so a figure repeats exactly (and a cycle's tensors count until the step ends)
+        gc.collect()
+        if gc.isenabled():
+            gc.disable()
+            stack.callback(gc.enable)
+        yield folder
+
+
 def simulate_step(family, flags, ranks, short=True, fake=True):
     """One train.py step of this configuration on fake tensors -> the PeakMemory of one GPU (rank 0).
     short: the image-token loop runs two steps (first_decode_steps); fake=False: real tensors (for the tests)."""
     import train
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    with tempfile.TemporaryDirectory() as folder, fake_world(ranks), \
-            FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext(), mock.patch.object(torch.Tensor, "numpy", zeros_numpy), \
-            mock.patch("torch.utils.weakref.getweakrefs", return_value=[]), \
-            mock.patch.object(generate, "tqdm", first_decode_steps if short else generate.tqdm), \
-            mock.patch.dict(model_py._rotary_tables), warnings.catch_warnings():  # fake tables stay in here
-        # Module.to swaps each fake parameter for its converted twin, which torch refuses while a weak reference
-        # points at it - and FakeTensorMode's own memo always holds one
-        warnings.filterwarnings("ignore", "Accessing the data pointer of FakeTensor")  # torch's own deepcopy does
+    with simulation(ranks, short, fake) as folder:
         args = train.build_parser().parse_args(["--model", folder, "--dtype", "bf16", "--exclude", "none",
                                                 "--device", "cpu", *flags])
         model, processor = fake_model(family)
@@ -432,8 +452,8 @@ def simulate_step(family, flags, ranks, short=True, fake=True):
 def first_decode_steps(steps, **tqdm_kwargs):
     """generate.py's image-token loop cut to its first two steps. A decode step writes one slot of a KV cache
     allocated in full before the loop (as are the token and log-prob buffers) and frees its temporaries, so every
-    step holds what the first does, but for an attention row 2 bytes a slot longer: running all 576 would only
-    take minutes. tests/test_bench.py checks that the peak equals a full run's."""
+    step holds what the first does, but for an attention row 2 bytes a slot longer: running all 576 would cost
+    minutes and change nothing. tests/test_bench.py checks that the peak equals a full run's."""
     return list(steps)[:2]
 
 
@@ -459,8 +479,8 @@ def memory_table(only=None):
         t0 = time.perf_counter()
         memory = simulate_step(family, flags, ranks)
         cells = " | ".join(f"{memory.at_peak.get(c, 0) / 1e9:.1f}" for c in MEMORY_COLUMNS)
-        print(f"| {name} | **{memory.peak / 1e9:.1f}** | {memory.peak_phase} | {cells} |  ({time.perf_counter() - t0:.0f} s)",
-              flush=True)
+        print(f"| {name} | **{memory.peak / 1e9:.1f}** | {memory.peak_phase} | {cells} |  "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
 
 def main():

@@ -12,9 +12,9 @@ What lives on each GPU: the policy in fp32 (master weights, gradients, AdamW's t
 one shard of every block under FSDP2 (--fsdp); with --dtype bf16 (or under FSDP) a bf16 sampler copy of the
 whole model that draws the rollouts and is refreshed in place after every optimizer step (in fp32 without FSDP
 the policy samples itself); and, for GRPO with beta > 0 or --frozen-judge, a frozen copy of the initial
-weights in the sampling dtype: the KL reference and/or the judge (a reference alone is sharded under FSDP2). With --lora-rank: the base in the sampling
-dtype, only the adapters (and their Adam state) in fp32, no reference copy (the adapters switched off), and the
-policy samples itself (under FSDP the sampler copy stays).
+weights in the sampling dtype: the KL reference and/or the judge (a reference alone is sharded under FSDP2).
+With --lora-rank: the base in the sampling dtype, only the adapters (and their Adam state) in fp32, no reference
+copy (the adapters switched off), and the policy samples itself (under FSDP the sampler copy stays).
 
 One hand-written loop. Each rank owns whole prompt groups, so advantages never cross ranks. Rollouts are seeded
 per task (seed, step, global task slot), which makes a run independent of how it is split over ranks; the global
@@ -439,7 +439,8 @@ def build_training(args, model, processor, device, world):
     wants_ref = args.algo == "grpo" and args.beta > 0 and not args.lora_rank  # LoRA: the adapters switched off
     shard_ref = args.fsdp and wants_ref and not args.frozen_judge  # a judge samples: it stays whole
     if wants_ref or args.frozen_judge:  # a frozen copy of the initial weights (sharded: fully_shard moves it)
-        frozen = copy.deepcopy(model).to(device="cpu" if shard_ref else device, dtype=dtype).eval().requires_grad_(False)
+        frozen = copy.deepcopy(model).to(device="cpu" if shard_ref else device, dtype=dtype)
+        frozen.eval().requires_grad_(False)
         for layer in lora.lora_layers(frozen).values():  # the initial weights are the base's
             layer.enabled = False
     ref_model = frozen if wants_ref else None
