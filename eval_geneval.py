@@ -50,6 +50,8 @@ from PIL import Image, ImageDraw, ImageOps
 from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
+from model import load_model, read_json
+
 GENEVAL_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "geneval")  # shipped copies
 TAGS = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
 COLOURS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white"]  # GenEval's order
@@ -362,18 +364,6 @@ def score(imagedir, outfile, detector, classify_colours, opts=DEFAULT_OPTIONS, a
 # Bookkeeping: the prompts and images a folder or results file should hold, against those it holds
 
 
-def read_json(path):
-    """One JSON object from a file; malformed or not an object: ValueError naming the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: malformed json ({e})") from e
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a json object, not {type(obj).__name__}")
-    return obj
-
-
 def read_jsonl(path):
     """[(line number, object)] of a jsonl file, blank lines skipped; a bad line: ValueError naming file and line."""
     out = []
@@ -577,7 +567,6 @@ def generate_images(model_dir, metadata_path, outdir, n=4, batch=16, seed=0, cfg
     import torch
     import torch.distributed as dist
     from generate import sample, save_images
-    from model import load_model
     rank, world, device, started = distributed(device)
     rows = [row for _, row in read_jsonl(metadata_path)]
     per_call = max(1, batch // n)
@@ -652,7 +641,6 @@ def self_check_folder(model_dir, imagedir, qa_path, results_path=None, reference
     """
     import torch
     import torch.distributed as dist
-    from model import load_model
     from rollout import self_check
     qa = read_jsonl(qa_path)
     for path, meta in find_samples(imagedir) + (find_samples(reference_dir) if reference_dir else []):
