@@ -367,8 +367,11 @@ def slots(answer, task, strict_single=False):
     if tag == "color_attr":
         bound = _bindings(words, mentions)
         (a, ca), (b, cb) = [(x["class"], x["color"]) for x in inc]
-        ok_a = (a, ca) in bound and (a, cb) not in bound
-        ok_b = (b, cb) in bound and (b, ca) not in bound
+        # a colour counts for its object only when it is that object's alone: "the tv is red and the kite is
+        # red" for "a red tv and a blue kite" binds nothing. Without the last condition painting the whole image
+        # one requested colour earned half the slots, and the toy world's GRPO learnt exactly that
+        ok_a = (a, ca) in bound and (a, cb) not in bound and (b, ca) not in bound
+        ok_b = (b, cb) in bound and (b, ca) not in bound and (a, cb) not in bound
         return int(ok_a) + int(ok_b), 2
     raise ValueError(f"unknown tag {tag!r}, expected one of {TAGS}")
 

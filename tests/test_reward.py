@@ -145,6 +145,10 @@ CASES = [
     ("A purple wine glass and a black apple.", GLASS_APPLE, 1.0),
     ("The wine glass is black and the apple is purple", GLASS_APPLE, 0.0),  # swapped colours
     ("The wine glass is purple and the apple is red", GLASS_APPLE, 0.5),
+    # one requested colour on both objects binds neither: else a one-colour image earns half the slots
+    ("The wine glass is purple and the apple is purple", GLASS_APPLE, 0.0),
+    ("A black wine glass and a black apple", GLASS_APPLE, 0.0),
+    ("The apple is black and the wine glass is black", GLASS_APPLE, 0.0),
     ("The wine glass is purple", GLASS_APPLE, 0.5),
     ("purple and black", GLASS_APPLE, 0.0),  # colours bound to nothing
     ("The apple is black, the wine glass is purple.", GLASS_APPLE, 1.0),
