@@ -6,6 +6,7 @@ learns from its own answers - by SFT on what it judged correct, or by GRPO over 
                          -> all-reduce -> AdamW
     GRPO:  L = sum over segments s in {image codes, answer tokens} of grpo.grpo_loss(log pi_theta(s), rewards):
            A_i = (r_i - mean_group r) / std_group r,  per-token -A_i rho_it (clipped) + beta k3-KL(pi_theta || pi_ref)
+           + lambda L_MMU(reference answers on the images the judge verified)  (--verified-answer-loss lambda)
     SFT:   L = L_T2I(images judged correct) + L_MMU(reference answers)                          (sft.sft_loss)
 
 What lives on each GPU: the policy in fp32 (master weights, gradients, AdamW's two moments) - whole under DDP,
@@ -202,6 +203,10 @@ def add_sampling_and_loss_args(ap):
                          "(tasks, tokens, images) -> rewards [B] or (rewards, correct [B]), e.g. toy:exact_reward")
     ap.add_argument("--frozen-judge", action=argparse.BooleanOptionalAction, default=False,
                     help="answer with a frozen copy of the initial model instead of the one being trained")
+    ap.add_argument("--verified-answer-loss", type=NONNEG_F, default=0.0,
+                    help="GRPO: add this weight x the reference answers' cross-entropy on the images the self-check "
+                         "verified (sft.verified_answer_loss), so understanding learns from the model's own images "
+                         "too; with --no-frozen-judge the judge is the model being trained (the mutual mode)")
     ap.add_argument("--skip-flat-groups", action=argparse.BooleanOptionalAction, default=False,
                     help="groups with equal rewards leave the GRPO loss (KL included)")
     ap.add_argument("--agg", choices=grpo.AGGREGATIONS, default="grpo", help="token aggregation (grpo.aggregate)")
@@ -277,6 +282,9 @@ def parse_args(argv=None):
                 ap.error(f"--{flag.replace('_', '-')} {value!r}: {e}")
     if args.eval != "selfcheck" and not args.eval_every:
         ap.error(f"--eval {args.eval} would never run: --eval-every is 0 (off); give it a period")
+    if args.verified_answer_loss and args.algo != "grpo":
+        ap.error("--verified-answer-loss is GRPO's; SFT's answer loss is always on (--sft-mmu-filter verified "
+                 "keeps the verified images only)")
     if args.group_size == 1 and args.algo == "grpo":
         ap.error("--group-size 1: GRPO's advantages compare the images of one prompt; a group of one has none")
     return args
@@ -374,6 +382,10 @@ class Objective(nn.Module):
             stats.update(flat_groups=s.pop("flat_groups"), adv_abs=s.pop("adv_abs"), **{f"loss_{part}": value.item()})
             stats.update({f"{part}_{k}": v for k, v in s.items()})
             loss = loss + value
+        if a.verified_answer_loss:
+            value, stats["verified"] = sft.verified_answer_loss(self.model, self.processor, ro)
+            stats["loss_verified_answers"] = value.item()
+            loss = loss + a.verified_answer_loss * value
         return loss, stats
 
 

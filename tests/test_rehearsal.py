@@ -77,6 +77,16 @@ def test_one_process(model_dir, algo, dtype, tmp_path):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("model_dir", MODELS, ids=name)
+def test_mutual_mode(model_dir, dtype, tmp_path):
+    """GRPO with the judge being the model trained and its answers trained on its verified images."""
+    train.main(tiny(model_dir, "grpo", tmp_path, dtype, extra=["--no-frozen-judge", "--verified-answer-loss", "1"]))
+    assert_trained(tmp_path, model_dir)
+    lines = [json.loads(l) for l in open(os.path.join(tmp_path, "log.jsonl"))]
+    assert all("loss_verified_answers" in l and 0 <= l["verified"] <= 1 for l in lines)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("model_dir", MODELS, ids=name)
 def test_end_to_end_sft(model_dir, dtype, tmp_path):
     train.main(tiny(model_dir, "sft", tmp_path, dtype, extra=["--end-to-end"]))
     assert_trained(tmp_path, model_dir)
@@ -158,7 +168,8 @@ def test_losses_do_not_depend_on_the_rank_layout(model_dir):
     merged = rollout.Rollout.cat(parts)
     losses = dict(
         sft=lambda ro: sft.sft_loss(m, p, ro, cond_dropout=0.5, generator=torch.Generator().manual_seed(7))[0],
-        grpo=lambda ro: objective.grpo(ro)[0])
+        grpo=lambda ro: objective.grpo(ro)[0],
+        verified_answers=lambda ro: sft.verified_answer_loss(m, p, ro)[0])
     for which, loss in losses.items():
         split = (loss(parts[0]) + loss(parts[1])) / 2
         assert float(loss(merged).detach()) == pytest.approx(float(split.detach()), abs=1e-5), which

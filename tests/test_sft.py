@@ -110,6 +110,29 @@ def test_sft_loss_trains_t2i_only_on_verified_images():
     assert m.language_model.lm_head.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("family", ["janus", "showo"])
+def test_verified_answer_loss_is_the_answer_loss_of_the_verified_images_over_all(family):
+    """GRPO's --verified-answer-loss: the verified rows' L_MMU times their share; with none verified it still runs
+    (weight 0) so that every rank runs the same modules."""
+    m, p = perturbed_janus() if family == "janus" else model.load_model(SHOWO_DIRS[0])
+    tasks = [dict(prompt="a photo of a cat", question="What is the main item in this image?", answer="cat",
+                  tag="single_object", include=[{"class": "cat", "count": 1}])]
+    batch = rollout.rollout(m, p, tasks, 3, 2.0, generator=torch.Generator().manual_seed(0), max_answer_tokens=3,
+                            steps=2)
+    batch.correct = torch.tensor([False, True, True])
+    loss, share = sft.verified_answer_loss(m, p, batch)
+    questions, answers = ["What is the main item in this image?"] * 2, ["cat"] * 2
+    if family == "janus":
+        lp = understand.janus_answer_logprobs(m, p, understand.janus_pixels(p, batch.images[1:]), questions, answers)
+    else:
+        lp = understand.showo_answer_logprobs(m, p, batch.tokens[1:], questions, answers)
+    assert share == pytest.approx(2 / 3)
+    assert loss.item() == pytest.approx(2 / 3 * sft.mmu_loss(*lp).item(), rel=1e-5)
+    batch.correct = torch.tensor([False, False, False])
+    loss, share = sft.verified_answer_loss(m, p, batch)
+    assert share == 0 and loss.item() == 0.0 and loss.requires_grad
+
+
 def test_showo_end_to_end_answer_loss_reaches_generation():
     """The one-hot image rows equal the token embeddings in value (same loss as the discrete path) and carry the
     answer loss back to the generation logits."""
