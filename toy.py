@@ -42,11 +42,13 @@ the right colour on the wrong class, which no answer to "What is the color of th
 
 Nothing imports this file. It reaches the rest of the project by name, as plug-ins: the checkpoint folder's
 config.json names its image tokenizer (toy:PaletteTokenizer) and its train_defaults.json names the training tasks
-(toy:make_toy_tasks) and train.py's evaluation hook (toy:evaluate); `--reward toy:exact_reward` trains on the exact
-evaluator instead of the model's own answers (a comparison, never the default).
+(toy:training_tasks, a mix weighted towards position and color_attr) and train.py's evaluation hook (toy:evaluate);
+`--reward toy:exact_reward` trains on the exact evaluator instead of the model's own answers (a comparison, never
+the default).
 
-    python toy.py pretrain --out assets/toy [--phases R D C] [--seed S]   # offline, once (~50 min, 1 core)
+    python toy.py pretrain --out assets/toy [--phases R D C] [--seed S]   # offline, once (2 threads: ~55 min)
     python toy.py eval --model assets/toy                                 # toy-GenEval + judge precision/recall
+    python toy.py diagnose --model assets/toy                             # per tag: what GRPO's groups see
 """
 import argparse
 import json
@@ -206,10 +208,25 @@ def sample_task(rng, tag):
                              relation=rng.choice(reward.RELATIONS) if tag == "position" else None)
 
 
-def make_toy_tasks(n, seed, tags=None):
-    """n tasks (reward.py's QA schema) over the toy classes: a uniform tag, then a uniform template of it."""
+def make_toy_tasks(n, seed, tags=None, weights=None):
+    """n tasks (reward.py's QA schema) over the toy classes: a tag (uniform, or in proportion to weights {tag: w}),
+    then a uniform template of it."""
     rng, tags = random.Random(seed), list(tags or reward.TAGS)
+    if weights:
+        w = [weights[t] for t in tags]
+        return [sample_task(rng, rng.choices(tags, w)[0]) for _ in range(n)]
     return [sample_task(rng, rng.choice(tags)) for _ in range(n)]
+
+
+# The training prompts' tag mix. GRPO learns a tag only from the prompts it is given, and the relational tags
+# need the most: the start draws the right axis of a relation but its direction at random, and binds colours to
+# objects at random (README, "Why position and color_attr did not move"). Evaluation stays uniform over tags.
+TRAINING_MIX = dict(single_object=1, two_object=1, counting=1, colors=1, position=3, color_attr=3)
+
+
+def training_tasks(n, seed):
+    """train.py task plug-in (train_defaults.json: "task_source": "toy:training_tasks"): TRAINING_MIX's tags."""
+    return make_toy_tasks(n, seed, weights=TRAINING_MIX)
 
 
 def _specs(task):
@@ -411,7 +428,8 @@ def evaluate(model, processor, args, judge_model=None):
     res = toy_geneval(model, processor, tasks, 2, args.cfg, args.seed, with_judge=True, judge_model=judge_model,
                       progress=True)
     return dict(toy_geneval=res["overall"], **{f"toy_geneval_{t}": v for t, v in res["per_tag"].items()},
-                judge_precision=res["judge"]["all"]["precision"], judge_recall=res["judge"]["all"]["recall"])
+                judge_precision=res["judge"]["all"]["precision"], judge_recall=res["judge"]["all"]["recall"],
+                judge_agreement=res["judge"]["all"]["agreement"])
 
 
 @torch.no_grad()
@@ -441,7 +459,7 @@ def toy_geneval(model, processor, tasks, images_per_task=4, cfg=2.0, seed=0, wit
         def pr(sel):
             tp = sum(a and b for _, a, b in sel)
             return dict(precision=tp / max(1, sum(b for *_, b in sel)), recall=tp / max(1, sum(a for _, a, _ in sel)),
-                        said_correct=sum(b for *_, b in sel))
+                        agreement=sum(a == b for _, a, b in sel) / max(1, len(sel)), said_correct=sum(b for *_, b in sel))
         res["judge"] = {t: pr([r for r in rows if r[0] == t]) for t in tags}
         res["judge"]["all"] = pr(rows)
     return res
@@ -511,8 +529,8 @@ def toy_config(vocab_size, hidden=128, layers=4, heads=4, vit_width=64, vit_laye
 # (--logp cfg): fitting the conditional row to guided samples ran away (sft.janus_t2i_loss). The toy prompts are
 # its own world's, never GenEval's test set, so nothing is excluded.
 TRAIN_DEFAULTS = dict(lr=1e-4, warmup=5, steps=100_000, minutes=10.0, cfg=2.0, beta=0.02, optimize="t2i",
-                      prompts_per_rank=8, frozen_judge=True, skip_flat_groups=True, eval_every=25, eval_tasks=120,
-                      reward_normalize=True, task_source="toy:make_toy_tasks", eval="toy:evaluate", exclude="none",
+                      prompts_per_rank=8, frozen_judge=True, skip_flat_groups=True, eval_every=50, eval_tasks=240,
+                      reward_normalize=True, task_source="toy:training_tasks", eval="toy:evaluate", exclude="none",
                       sample_every=25, verdict="toy:exact_verdict", sft=dict(logp="cfg"))
 
 
@@ -689,6 +707,81 @@ def report(model, processor, n_tasks=240, images=4, cfgs=(2.0,), seed=0):
                   f"{j['recall']:8.3f} {j['said_correct']:8d}")
 
 
+@torch.no_grad()
+def diagnose(model, processor, judge_model=None, n_tasks=12, draws=64, group=8, cfg=2.0, seed=0):
+    """Why a tag does or does not learn under self-judged GRPO, per tag, on n_tasks held-out tasks x draws images
+    (cut into groups of `group`, as a GRPO step sees them). -> {tag: {measure: value}}; printed by main.
+
+    exact       share of drawings the exact evaluator accepts      reach   share of tasks with one within draws
+    reward      the judge's slot-fraction reward (the training signal); group_sd its spread inside a group
+    flat        share of groups whose rewards are all equal (no gradient); adv_share: the tag's share of sum |A|
+    agree       the judge's "correct" equals the exact verdict; precision: its "correct" verdicts that are right
+    slots_ok    the judge's answer matches as many slots as the truthful answer (describe) does
+    position:   axis (the two objects share a row for left/right, a column for above/below), direction (given the
+                axis, the subject on the asked side)
+    color_attr: own / other's / unrequested colour per drawn object, same (both objects one colour)
+    layout      the scene builder's drawings of the tasks: the judge's acceptance (the evaluator accepts all)"""
+    from generate import janus_generate
+    from rollout import self_check
+    judge_model = judge_model or model
+    gen, rng, out = torch.Generator().manual_seed(seed), random.Random(seed), {}
+    tasks = {tag: make_toy_tasks(n_tasks, 20_000 + seed, [tag]) for tag in reward.TAGS}
+    for tag in tqdm(reward.TAGS, desc="diagnose", leave=False):
+        m = Counter()
+        for task in tasks[tag]:
+            codes = janus_generate(model, processor, [task["prompt"]], draws, cfg, generator=gen, decode=False)["tokens"]
+            flat = [task] * draws
+            check = self_check(judge_model, processor, flat, to_pixels(codes), normalize=True)
+            exact = [judge(c, task) for c in codes]
+            truth = [reward.slots(describe(read_scene(c), tag), task)[0] for c in codes]
+            said = [reward.slots(a, task)[0] for a in check["answers"]]
+            r = check["rewards"].view(-1, group)
+            sd = r.std(1, unbiased=False)
+            adv = ((r - r.mean(1, keepdim=True)) / (sd[:, None] + 1e-4)).abs() * (sd[:, None] > 0)
+            m.update(images=draws, groups=len(r), exact=sum(exact), reach=any(exact), reward=float(r.sum()),
+                     group_sd=float(sd.sum()), flat=int((sd == 0).sum()), adv=float(adv.sum()),
+                     agree=sum(a == b for a, b in zip(exact, check["correct"].tolist())),
+                     said_ok=int(check["correct"].sum()), said_ok_right=sum(a and b for a, b in zip(exact,
+                     check["correct"].tolist())), slots_ok=sum(a == b for a, b in zip(truth, said)))
+            drawn = torch.stack([render(scene_for(task, rng)) for _ in range(group)])  # what a perfect drawer draws
+            m["layout"] += int(self_check(judge_model, processor, [task] * group, to_pixels(drawn))["correct"].sum())
+            for c in codes:
+                objs = [o for o in read_scene(c) if o.cls]
+                if tag == "position" and len(objs) == 2:
+                    s = next(x for x in task["include"] if "position" in x)
+                    rel, ref_cls = s["position"][0], task["include"][s["position"][1]]["class"]
+                    sub = next((o for o in objs if o.cls == s["class"]), None)
+                    ref = next((o for o in objs if o.cls == ref_cls), None)
+                    if sub and ref:
+                        axis = (sub.quad // 2 == ref.quad // 2) if rel in ("left of", "right of") else \
+                            (sub.quad % 2 == ref.quad % 2)
+                        side = {"left of": sub.quad % 2 < ref.quad % 2, "right of": sub.quad % 2 > ref.quad % 2,
+                                "above": sub.quad // 2 < ref.quad // 2, "below": sub.quad // 2 > ref.quad // 2}[rel]
+                        m.update(pairs=1, axis=axis, direction=axis and side)
+                if tag == "color_attr":
+                    want = {x["class"]: x["color"] for x in task["include"]}
+                    for o in objs:
+                        if o.cls in want:
+                            m.update(objects=1, own=o.color == want[o.cls], other=o.color in want.values()
+                                     and o.color != want[o.cls])
+                    if len(objs) == 2:
+                        m.update(two=1, same=objs[0].color == objs[1].color)
+        out[tag] = dict(exact=m["exact"] / m["images"], reach=m["reach"] / n_tasks, reward=m["reward"] / m["images"],
+                        group_sd=m["group_sd"] / m["groups"], flat=m["flat"] / m["groups"], adv=m["adv"],
+                        agree=m["agree"] / m["images"], precision=m["said_ok_right"] / max(1, m["said_ok"]),
+                        slots_ok=m["slots_ok"] / m["images"], layout=m["layout"] / (group * n_tasks))
+        if tag == "position":
+            out[tag].update(axis=m["axis"] / max(1, m["pairs"]), direction=m["direction"] / max(1, m["axis"]))
+        if tag == "color_attr":
+            out[tag].update(own=m["own"] / max(1, m["objects"]), other=m["other"] / max(1, m["objects"]),
+                            unrequested=1 - (m["own"] + m["other"]) / max(1, m["objects"]),
+                            same=m["same"] / max(1, m["two"]))
+    total = sum(v["adv"] for v in out.values()) or 1
+    for v in out.values():
+        v["adv_share"] = v.pop("adv") / total
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -706,6 +799,14 @@ def main():
     p.add_argument("--cfg", type=float, nargs="+", default=[2.0])
     p.add_argument("--seed", type=int, default=0, help="held-out tasks of this training seed")
     p.add_argument("--threads", type=int, default=1)
+    p = sub.add_parser("diagnose", help="per tag: what self-judged GRPO sees (flat groups, the judge, reach)")
+    p.add_argument("--model", default="assets/toy")
+    p.add_argument("--judge", help="the answering model's folder (default --model; a frozen judge: the start's)")
+    p.add_argument("--tasks", type=int, default=12, help="held-out tasks per tag")
+    p.add_argument("--draws", type=int, default=64, help="images per task (reach@draws; groups of 8)")
+    p.add_argument("--cfg", type=float, default=2.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.command == "pretrain":
@@ -718,6 +819,15 @@ def main():
         model, processor = load_janus(args.model)
     if args.command == "eval":
         report(model.eval(), processor, args.tasks, args.images, tuple(args.cfg), args.seed)
+    elif args.command == "diagnose":
+        if args.draws % 8:
+            ap.error(f"--draws {args.draws}: a multiple of 8, the group size")
+        judge_model = load_janus(args.judge)[0].eval() if args.judge else None
+        res = diagnose(model.eval(), processor, judge_model, args.tasks, args.draws, cfg=args.cfg, seed=args.seed)
+        keys = list(dict.fromkeys(k for v in res.values() for k in v))
+        print(f"{'tag':<14}" + "".join(f"{k:>12}" for k in keys))
+        for tag, v in res.items():
+            print(f"{tag:<14}" + "".join(f"{v[k]:12.3f}" if k in v else " " * 12 for k in keys))
     else:
         report(model.eval(), processor, cfgs=(1.0, 2.0, 3.0), seed=1234)
 

@@ -77,6 +77,16 @@ def test_every_task_has_a_satisfying_scene_and_rejected_near_misses():
             assert not toy.judge(toy.render(scene), t), (t["prompt"], kind, scene)
 
 
+def test_training_mix_weights_the_relational_tags_and_evaluation_stays_uniform():
+    from collections import Counter
+    n, total = 6000, sum(toy.TRAINING_MIX.values())
+    mixed, uniform = Counter(t["tag"] for t in toy.training_tasks(n, 0)), Counter(t["tag"] for t in
+                                                                                toy.make_toy_tasks(n, 0))
+    for tag in reward.TAGS:
+        assert abs(mixed[tag] / n - toy.TRAINING_MIX[tag] / total) < 0.02, tag
+        assert abs(uniform[tag] / n - 1 / 6) < 0.02, tag
+
+
 def test_truthful_answers_never_overclaim():
     """reward.is_correct(describe(image)) => judge(image), except colors on a wrong class (documented)."""
     rng = random.Random(2)
@@ -160,6 +170,24 @@ def test_short_grpo_run_improves_toy_geneval(reward_kind, tmp_path):
     before, after = train.main(["--algo", "grpo", "--reward", reward_kind, "--out", str(tmp_path), "--steps", "12",
                                 "--eval-every", "1000", "--eval-tasks", "60", "--seed", "0", "--save-every", "1000"])
     assert after["toy_geneval"] > before["toy_geneval"], (before, after)
+
+
+def test_toy_diagnose_cli_prints_every_measure_of_every_tag():
+    """README: `python toy.py diagnose` (here 1 task per tag, 8 images)."""
+    import subprocess
+    import sys
+    from data_paths import ROOT
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "toy.py"), "diagnose", "--model", toy_checkpoint(),
+                          "--tasks", "1", "--draws", "8"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("tag")).split()
+    for measure in ("exact", "reach", "flat", "adv_share", "precision", "layout", "direction", "unrequested"):
+        assert measure in header, measure
+    rows = {line.split()[0]: line for line in lines if line.split() and line.split()[0] in reward.TAGS}
+    assert list(rows) == reward.TAGS
+    shares = [float(rows[t].split()[header.index("adv_share")]) for t in reward.TAGS]  # every row has it
+    assert abs(sum(shares) - 1) < 0.01 or sum(shares) == 0
 
 
 def test_toy_eval_cli_prints_the_per_tag_table():

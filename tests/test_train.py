@@ -189,8 +189,14 @@ def test_the_toy_folder_carries_the_toy_worlds_defaults():
     args = train.parse_args([])
     assert args.model == train.TOY_CHECKPOINT and args.defaults_file
     assert (args.lr, args.cfg, args.beta, args.optimize, args.minutes) == (1e-4, 2.0, 0.02, "t2i", 10.0)
-    assert (args.task_source, args.eval, args.exclude) == ("toy:make_toy_tasks", "toy:evaluate", None)
+    assert (args.task_source, args.eval, args.exclude) == ("toy:training_tasks", "toy:evaluate", None)
     assert args.logp == "cond" and train.parse_args(["--algo", "sft"]).logp == "cfg"
+
+
+def test_the_verified_answer_loss_is_refused_where_it_would_do_nothing(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--model", JANUS[0], "--algo", "sft", "--verified-answer-loss", "1"])
+    assert "--sft-mmu-filter" in capsys.readouterr().err
 
 
 def test_help_shows_every_default(capsys):
