@@ -54,24 +54,12 @@ def mmu_loss(logprobs, mask):
     return -((logprobs * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
 
 
-def answer_loss(model, processor, ro, rows):
-    """L_MMU of the rollout's rows: the reference answers' cross-entropy on those images (non-end-to-end)."""
-    device = next(model.parameters()).device
-    questions, answers = [ro.tasks[i]["question"] for i in rows], [ro.tasks[i]["answer"] for i in rows]
-    if hasattr(model, "showo"):
-        return mmu_loss(*showo_answer_logprobs(model, processor, ro.tokens[rows].to(device), questions, answers))
-    pixels = janus_pixels(processor, ro.images[rows]).to(device)
-    return mmu_loss(*janus_answer_logprobs(model, processor, pixels, questions, answers))
-
-
 def verified_answer_loss(model, processor, ro):
-    """L_MMU on the images whose self-check matched every slot, as a mean over all B images in which the others
-    weigh zero (as sft_loss's terms, so DDP's average equals one process; with none verified it runs on every
-    image at weight 0, so all ranks run the same modules). The understanding half of UniRL's mutual loop under
-    GRPO: the model's own verified drawings train its answers. -> (loss, share verified)."""
-    share = float(ro.correct.float().mean())
-    rows = ro.correct.nonzero()[:, 0].tolist() or list(range(len(ro.correct)))
-    return share * answer_loss(model, processor, ro, rows), share
+    """L_MMU on the images whose self-check matched every slot, as sft_loss weighs it: a mean over all B images in
+    which the others weigh zero (so DDP's average equals one process). The understanding half of UniRL's mutual
+    loop under GRPO: the model's own verified drawings train its answers. -> (loss, share verified)."""
+    loss, stats = sft_loss(model, processor, ro, lambda_t2i=0.0, mmu_filter="verified")
+    return loss, stats["kept"]
 
 
 def showo_t2i_loss(model, processor, prompts, codes, cond_dropout=0.1, noise=None):
@@ -118,6 +106,8 @@ def sft_loss(model, processor, ro, lambda_t2i=1.0, lambda_mmu=1.0, mmu_filter="a
     device = next(model.parameters()).device
     loss, stats = torch.zeros((), device=device), dict(kept=int(keep["t2i"].sum()) / B)
     for term, weight in (("t2i", lambda_t2i), ("mmu", lambda_mmu)):
+        if weight == 0:  # a term switched off on every rank alike (GRPO's verified_answer_loss has no T2I term)
+            continue
         rows = keep[term].nonzero()[:, 0].tolist() or list(range(B))
         share = int(keep[term].sum()) / B
         prompts, tokens = [ro.tasks[i]["prompt"] for i in rows], ro.tokens[rows].to(device)
@@ -131,8 +121,11 @@ def sft_loss(model, processor, ro, lambda_t2i=1.0, lambda_mmu=1.0, mmu_filter="a
         elif end_to_end:
             value = (showo_end_to_end_mmu_loss if showo else janus_end_to_end_mmu_loss)(
                 model, processor, prompts, tokens, questions, answers, tau)
+        elif showo:
+            value = mmu_loss(*showo_answer_logprobs(model, processor, tokens, questions, answers))
         else:
-            value = answer_loss(model, processor, ro, rows)
+            pixels = janus_pixels(processor, ro.images[rows]).to(device)
+            value = mmu_loss(*janus_answer_logprobs(model, processor, pixels, questions, answers))
         loss = loss + weight * share * value
         if share:
             stats[f"loss_{term}"] = value.item()
