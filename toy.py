@@ -46,7 +46,7 @@ config.json names its image tokenizer (toy:PaletteTokenizer) and its train_defau
 `--reward toy:exact_reward` trains on the exact evaluator instead of the model's own answers (a comparison, never
 the default).
 
-    python toy.py pretrain --out assets/toy [--phases R D C] [--seed S]   # offline, once (2 threads: ~55 min)
+    python toy.py pretrain --out assets/toy [--phases R D C] [--seed S]   # offline, once (~50 min on 1-2 cores)
     python toy.py eval --model assets/toy                                 # toy-GenEval + judge precision/recall
     python toy.py diagnose --model assets/toy                             # per tag: what GRPO's groups see
 """
@@ -459,7 +459,8 @@ def toy_geneval(model, processor, tasks, images_per_task=4, cfg=2.0, seed=0, wit
         def pr(sel):
             tp = sum(a and b for _, a, b in sel)
             return dict(precision=tp / max(1, sum(b for *_, b in sel)), recall=tp / max(1, sum(a for _, a, _ in sel)),
-                        agreement=sum(a == b for _, a, b in sel) / max(1, len(sel)), said_correct=sum(b for *_, b in sel))
+                        agreement=sum(a == b for _, a, b in sel) / max(1, len(sel)),
+                        said_correct=sum(b for *_, b in sel))
         res["judge"] = {t: pr([r for r in rows if r[0] == t]) for t in tags}
         res["judge"]["all"] = pr(rows)
     return res
@@ -729,7 +730,8 @@ def diagnose(model, processor, judge_model=None, n_tasks=12, draws=64, group=8, 
     for tag in tqdm(reward.TAGS, desc="diagnose", leave=False):
         m = Counter()
         for task in tasks[tag]:
-            codes = janus_generate(model, processor, [task["prompt"]], draws, cfg, generator=gen, decode=False)["tokens"]
+            codes = janus_generate(model, processor, [task["prompt"]], draws, cfg, generator=gen,
+                                   decode=False)["tokens"]
             flat = [task] * draws
             check = self_check(judge_model, processor, flat, to_pixels(codes), normalize=True)
             exact = [judge(c, task) for c in codes]
