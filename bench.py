@@ -37,7 +37,6 @@ from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import generate
-import lora
 import model as model_py
 import reward
 from model import JANUS_CONFIGS, JANUS_SYSTEM_PROMPT, Janus, ShowO, ShowOConfig, apply_rope, omni_attention_mask, \
@@ -409,10 +408,7 @@ def simulate_step(family, flags, ranks, short=True, fake=True):
         train.resolve_defaults(args, model)
         if args.lora_rank:  # as train.setup: the base in the sampling dtype, fp32 adapters
             model.to(torch.bfloat16)
-            lora.apply_lora(model, args.lora_rank, args.lora_alpha, lora.target_regex(model, args.lora_targets))
-        else:
-            train.set_trainable(model)
-        model.checkpointing = args.activation_checkpointing
+        train.make_trainable(args, model)
         # DDP's C++ reducer reads real data, so a DDP run is simulated as one process: with
         # gradient_as_bucket_view its buckets are the gradients, so a rank holds what one process holds
         train_module, objective, sampler, judge, params, optimizer = train.build_training(

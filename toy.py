@@ -212,10 +212,8 @@ def make_toy_tasks(n, seed, tags=None, weights=None):
     """n tasks (reward.py's QA schema) over the toy classes: a tag (uniform, or in proportion to weights {tag: w}),
     then a uniform template of it."""
     rng, tags = random.Random(seed), list(tags or reward.TAGS)
-    if weights:
-        w = [weights[t] for t in tags]
-        return [sample_task(rng, rng.choices(tags, w)[0]) for _ in range(n)]
-    return [sample_task(rng, rng.choice(tags)) for _ in range(n)]
+    w = [weights[t] for t in tags] if weights else None
+    return [sample_task(rng, rng.choices(tags, w)[0] if w else rng.choice(tags)) for _ in range(n)]
 
 
 # The training prompts' tag mix. GRPO learns a tag only from the prompts it is given, and the relational tags

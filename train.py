@@ -918,6 +918,12 @@ def setup(args):
                                   roles=args.roles)
     processor.to(device)
     resolve_defaults(args, model)
+    return rank, world, device, model, processor, make_trainable(args, model)
+
+
+def make_trainable(args, model):
+    """The weights this run trains: LoRA adapters (--lora-rank) or set_trainable's part of the model; and
+    activation checkpointing as asked. -> the number of trainable weights."""
     if args.lora_rank:
         args.lora_target_regex = lora.target_regex(model, args.lora_targets)
         lora.apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_target_regex)
@@ -925,7 +931,7 @@ def setup(args):
     else:
         n_trainable = set_trainable(model)
     model.checkpointing = args.activation_checkpointing
-    return rank, world, device, model, processor, n_trainable
+    return n_trainable
 
 
 def main(argv=None):
