@@ -7,6 +7,7 @@ learns from its own answers - by SFT on what it judged correct, or by GRPO over 
     GRPO:  L = sum over segments s in {image codes, answer tokens} of grpo.grpo_loss(log pi_theta(s), rewards):
            A_i = (r_i - mean_group r) / std_group r,  per-token -A_i rho_it (clipped) + beta k3-KL(pi_theta || pi_ref)
            + lambda L_MMU(reference answers on the images the judge verified)  (--verified-answer-loss lambda)
+           + gamma k3-KL(pi_theta || pi_ref) on the judge's answer tokens, every image          (--answer-kl gamma)
     SFT:   L = L_T2I(images judged correct) + L_MMU(reference answers)                          (sft.sft_loss)
 
 What lives on each GPU: the policy in fp32 (master weights, gradients, AdamW's two moments) - whole under DDP,
@@ -207,6 +208,9 @@ def add_sampling_and_loss_args(ap):
                     help="GRPO: add this weight x the reference answers' cross-entropy on the images the self-check "
                          "verified (sft.verified_answer_loss), so understanding learns from the model's own images "
                          "too; with --no-frozen-judge the judge is the model being trained (the mutual mode)")
+    ap.add_argument("--answer-kl", type=NONNEG_F, default=0.0,
+                    help="GRPO with --no-frozen-judge: add this weight x the k3 KL of the judge's answer tokens to "
+                         "the initial model's, on every image, so that the judge may learn but not wander")
     ap.add_argument("--skip-flat-groups", action=argparse.BooleanOptionalAction, default=False,
                     help="groups with equal rewards leave the GRPO loss (KL included)")
     ap.add_argument("--agg", choices=grpo.AGGREGATIONS, default="grpo", help="token aggregation (grpo.aggregate)")
@@ -285,6 +289,9 @@ def parse_args(argv=None):
     if args.verified_answer_loss and args.algo != "grpo":
         ap.error("--verified-answer-loss is GRPO's; SFT's answer loss is always on (--sft-mmu-filter verified "
                  "keeps the verified images only)")
+    if args.answer_kl and (args.algo != "grpo" or args.frozen_judge):
+        ap.error("--answer-kl holds the answers of a judge that trains (GRPO with --no-frozen-judge) near the "
+                 "initial model's; a frozen judge is the initial model already")
     if args.group_size == 1 and args.algo == "grpo":
         ap.error("--group-size 1: GRPO's advantages compare the images of one prompt; a group of one has none")
     return args
@@ -337,9 +344,11 @@ class Objective(nn.Module):
         self.frozen = (Reference(ref_model, self.logprobs) if ref_model is not None else None,)
 
     def logprobs(self, model, ro, replay_steps=None):
-        """The segments GRPO trains (--optimize), under `model`: {"img": (logp, mask), "ans": (logp, mask)}."""
+        """The segments GRPO trains (--optimize), and the answers --answer-kl holds, under `model`:
+        {"img": (logp, mask), "ans": (logp, mask)}."""
         a = self.args
-        return sequence_logprobs(model, self.processor, ro, image=a.optimize != "mmu", answers=a.optimize != "t2i",
+        return sequence_logprobs(model, self.processor, ro, image=a.optimize != "mmu",
+                                 answers=a.optimize != "t2i" or a.answer_kl > 0,
                                  cfg_weight=a.cfg, temperature=a.temperature, janus_mode=a.logp,
                                  replay_steps=replay_steps)
 
@@ -369,19 +378,26 @@ class Objective(nn.Module):
         steps = replay_subset(ro, a.showo_replay_steps)
         policy = self.logprobs(self.model, ro, steps)
         ref = {}
-        if a.beta > 0 and (ref_model is not None or a.lora_rank):
+        if (a.beta > 0 or a.answer_kl > 0) and (ref_model is not None or a.lora_rank):
             with torch.no_grad(), lora.adapters_off(self.model):  # a no-op without LoRA
                 ref = ref_model(ro, steps) if ref_model is not None else self.logprobs(self.model, ro, steps)
                 ref = {part: lp for part, (lp, _) in ref.items()}
         old = ro.logp_old or {}
         loss, stats = 0.0, {}
         for part, (lp, mask) in policy.items():
+            if part == "ans" and a.optimize == "t2i":  # read for --answer-kl only
+                continue
             budget = mask.shape[1] if part == "img" else a.max_answer_tokens  # dr_grpo's constant denominator
             value, s = grpo.grpo_loss(lp, mask, ro.rewards, ro.group_size, old.get(part), ref.get(part), a.beta,
                                       a.agg, not a.no_adv_std, a.skip_flat_groups, budget)
             stats.update(flat_groups=s.pop("flat_groups"), adv_abs=s.pop("adv_abs"), **{f"loss_{part}": value.item()})
             stats.update({f"{part}_{k}": v for k, v in s.items()})
             loss = loss + value
+        if a.answer_kl:  # every image, flat groups included: the anchor does not depend on the advantage
+            lp, mask = policy["ans"]
+            value = grpo.aggregate(grpo.k3_kl(lp, ref["ans"]), mask, a.agg, a.max_answer_tokens)
+            stats["answer_kl"] = value.item()
+            loss = loss + a.answer_kl * value
         if a.verified_answer_loss:
             value, stats["verified"] = sft.verified_answer_loss(self.model, self.processor, ro)
             stats["loss_verified_answers"] = value.item()
@@ -448,7 +464,8 @@ def build_training(args, model, processor, device, world):
     FSDP; otherwise an inference copy in the sampling dtype (FSDP: its shards gathered into it after each step)."""
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     frozen = None
-    wants_ref = args.algo == "grpo" and args.beta > 0 and not args.lora_rank  # LoRA: the adapters switched off
+    # LoRA: the adapters switched off are the reference
+    wants_ref = args.algo == "grpo" and (args.beta > 0 or args.answer_kl > 0) and not args.lora_rank
     shard_ref = args.fsdp and wants_ref and not args.frozen_judge  # a judge samples: it stays whole
     if wants_ref or args.frozen_judge:  # a frozen copy of the initial weights (sharded: fully_shard moves it)
         frozen = copy.deepcopy(model).to(device="cpu" if shard_ref else device, dtype=dtype)

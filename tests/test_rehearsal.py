@@ -5,6 +5,7 @@ the path a GPU takes (bf16 sampler copy, bf16 KV caches, autocast losses), so th
 The one-process lines run in CI; the torchrun lines (about 4 minutes on 2 cores) are marked `slow`:
     python -m pytest -q -m slow tests/test_rehearsal.py
 """
+import copy
 import glob
 import json
 import math
@@ -78,11 +79,16 @@ def test_one_process(model_dir, algo, dtype, tmp_path):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("model_dir", MODELS, ids=name)
 def test_mutual_mode(model_dir, dtype, tmp_path):
-    """GRPO with the judge being the model trained and its answers trained on its verified images."""
-    train.main(tiny(model_dir, "grpo", tmp_path, dtype, extra=["--no-frozen-judge", "--verified-answer-loss", "1"]))
-    assert_trained(tmp_path, model_dir)
+    """GRPO with the judge being the model trained, its answers trained on its verified images and held near the
+    initial model's (the README's mutual-mode line)."""
+    train.main(tiny(model_dir, "grpo", tmp_path, dtype, steps=3, extra=["--no-frozen-judge", "--verified-answer-loss",
+                                                                        "1", "--answer-kl", "1"]))
+    assert_trained(tmp_path, model_dir, steps=3)
     lines = [json.loads(l) for l in open(os.path.join(tmp_path, "log.jsonl"))]
     assert all("loss_verified_answers" in l and 0 <= l["verified"] <= 1 for l in lines)
+    # step 1 answers with the initial weights themselves (fp32: the reference is an exact copy; the first step's
+    # learning rate is 0, warmup), step 3 with weights one update away
+    assert lines[0]["answer_kl"] < (1e-6 if dtype == "fp32" else 1e-2) and lines[2]["answer_kl"] > 0
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -161,6 +167,14 @@ def test_losses_do_not_depend_on_the_rank_layout(model_dir):
     args = train.parse_args(["--model", model_dir, "--cfg", "2", "--beta", "0"])
     train.resolve_defaults(args, m)
     objective = train.Objective(m, p, args)
+    anchored = train.parse_args(["--model", model_dir, "--cfg", "2", "--beta", "0.1", "--answer-kl", "0.5",
+                                 "--no-frozen-judge"])
+    train.resolve_defaults(anchored, m)
+    ref = copy.deepcopy(m).eval().requires_grad_(False)
+    with torch.no_grad():  # a reference that differs, so that both KL terms are non-zero
+        for w in ref.parameters():
+            w.add_(torch.randn_like(w) * 1e-2)
+    anchored_objective = train.Objective(m, p, anchored, ref)
     parts = [rollout.rollout(m, p, [t], 2, 2.0, generator=torch.Generator().manual_seed(i), max_answer_tokens=3,
                              steps=3) for i, t in enumerate(TASKS)]
     parts[0].correct, parts[1].correct = torch.tensor([True, False]), torch.tensor([True, True])
@@ -169,6 +183,7 @@ def test_losses_do_not_depend_on_the_rank_layout(model_dir):
     losses = dict(
         sft=lambda ro: sft.sft_loss(m, p, ro, cond_dropout=0.5, generator=torch.Generator().manual_seed(7))[0],
         grpo=lambda ro: objective.grpo(ro)[0],
+        grpo_kl_and_answer_kl=lambda ro: anchored_objective.grpo(ro)[0],
         verified_answers=lambda ro: sft.verified_answer_loss(m, p, ro)[0])
     for which, loss in losses.items():
         split = (loss(parts[0]) + loss(parts[1])) / 2

@@ -199,6 +199,15 @@ def test_the_verified_answer_loss_is_refused_where_it_would_do_nothing(capsys):
     assert "--sft-mmu-filter" in capsys.readouterr().err
 
 
+def test_the_answer_kl_is_refused_where_it_would_do_nothing(capsys):
+    for line in (["--algo", "sft"], ["--algo", "grpo", "--frozen-judge"], ["--algo", "grpo"]):  # the toy's judge
+        with pytest.raises(SystemExit):  # is frozen by its train_defaults.json
+            train.parse_args(line + ["--answer-kl", "1"] + ([] if line == ["--algo", "grpo"] else
+                                                            ["--model", JANUS[0]]))
+        assert "--no-frozen-judge" in capsys.readouterr().err
+    assert train.parse_args(["--answer-kl", "1", "--no-frozen-judge"]).answer_kl == 1
+
+
 def test_help_shows_every_default(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
