@@ -77,6 +77,32 @@ def test_every_task_has_a_satisfying_scene_and_rejected_near_misses():
             assert not toy.judge(toy.render(scene), t), (t["prompt"], kind, scene)
 
 
+def test_scenes_draw_objects_in_the_order_their_prompt_names_them():
+    """Two classes: the first named is the first read (reading order), in every quadrant pair, swaps included."""
+    rng, quads = random.Random(3), set()
+    for t in toy.make_toy_tasks(200, seed=4, tags=["two_object", "color_attr"]):
+        for scene in [toy.scene_for(t, rng)] + list(toy.near_misses(t, rng).values()):
+            objs = toy.read_scene(toy.render(scene))
+            named = [x["class"] for x in t["include"]]
+            if len({o.cls for o in objs}) == 2 and {o.cls for o in objs} == set(named):
+                assert [o.cls for o in objs] == named, t["prompt"]
+                quads.add(tuple(o.quad for o in objs))
+    assert len(quads) == 6  # every ordered pair of quadrants in reading order
+
+
+def test_noisy_captions_never_show_a_relation_or_a_binding_backwards():
+    rng = random.Random(5)
+    for t in toy.make_toy_tasks(300, seed=6, tags=["position", "color_attr"]):
+        for scene in toy._caption_misses(t, rng):
+            objs = [o for o in toy.read_scene(toy.render(scene)) if o.cls]
+            want = {x["class"]: x.get("color") for x in t["include"]}
+            if t["tag"] == "color_attr" and len(objs) == 2 and {o.cls for o in objs} == set(want):
+                assert any(o.color == want[o.cls] for o in objs), t["prompt"]  # not both swapped
+            if t["tag"] == "position":
+                assert toy.describe(objs, "position") != toy.describe(
+                    toy.read_scene(toy.render(toy.scene_for(t, rng, swap=True))), "position")
+
+
 def test_training_mix_weights_the_relational_tags_and_evaluation_stays_uniform():
     from collections import Counter
     n, total = 6000, sum(toy.TRAINING_MIX.values())
