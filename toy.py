@@ -46,7 +46,7 @@ config.json names its image tokenizer (toy:PaletteTokenizer) and its train_defau
 `--reward toy:exact_reward` trains on the exact evaluator instead of the model's own answers (a comparison, never
 the default).
 
-    python toy.py pretrain --out assets/toy [--phases R D C] [--seed S]   # offline, once (~50 min on 1-2 cores)
+    python toy.py pretrain --out assets/toy --threads 2 [--seed S]       # offline, once (~52 min on 2 cores)
     python toy.py eval --model assets/toy                                 # toy-GenEval + judge precision/recall
     python toy.py diagnose --model assets/toy                             # per tag: what GRPO's groups see
 """
@@ -626,9 +626,10 @@ def t2i_step_loss(model, processor, rng, n, generator, caption_noise=0.5):
 
     Captions are noisy on purpose: with probability caption_noise the image is a near miss of its prompt
     (wrong count, colour or class; a missing object; never a swap, see _caption_misses), as web captions often
-    are. This fixes the generator's quality (about 0.35 toy-GenEval at CFG 2) however long it trains, and gives
-    it GenEval's failure modes, which self-reward can then remove. A clean-caption generator learnt this world in ~1000
-    steps (toy-GenEval 0.68 at step 750 and rising), far ahead of the judge, so stopping early was no option."""
+    are. This caps the generator's quality (about 0.55 toy-GenEval at CFG 2 with 65% noise, at the end of
+    pretrain) and gives it GenEval's failure modes, which self-reward can then remove. A clean-caption generator
+    learnt this world in ~1000 steps (toy-GenEval 0.68 at step 750 and rising), far ahead of the judge, so
+    stopping early was no option."""
     from sft import janus_t2i_loss
     tasks = [sample_task(rng, rng.choices(reward.TAGS, [PRETRAIN_T2I_MIX[t] for t in reward.TAGS])[0])
              for _ in range(n)]
@@ -734,7 +735,8 @@ def diagnose(model, processor, judge_model=None, n_tasks=12, draws=64, group=8, 
     agree       the judge's "correct" equals the exact verdict; precision: its "correct" verdicts that are right
     slots_ok    the judge's answer matches as many slots as the truthful answer (describe) does
     position:   axis (the two objects share a row for left/right, a column for above/below), direction (given the
-                axis, the subject on the asked side)
+                axis, the subject on the asked side); dir_first: the direction where the subject (named first)
+                is drawn first in reading order ("left of", "above"), dir_second: where it is drawn second
     color_attr: own / other's / unrequested colour per drawn object, same (both objects one colour)
     layout      the scene builder's drawings of the tasks: the judge's acceptance (the evaluator accepts all)"""
     from generate import janus_generate
@@ -774,7 +776,9 @@ def diagnose(model, processor, judge_model=None, n_tasks=12, draws=64, group=8, 
                             (sub.quad % 2 == ref.quad % 2)
                         side = {"left of": sub.quad % 2 < ref.quad % 2, "right of": sub.quad % 2 > ref.quad % 2,
                                 "above": sub.quad // 2 < ref.quad // 2, "below": sub.quad // 2 > ref.quad // 2}[rel]
-                        m.update(pairs=1, axis=axis, direction=axis and side)
+                        order = "first" if rel in ("left of", "above") else "second"
+                        m.update({"pairs": 1, "axis": axis, "direction": axis and side, f"axis_{order}": axis,
+                                  f"dir_{order}": axis and side})
                 if tag == "color_attr":
                     want = {x["class"]: x["color"] for x in task["include"]}
                     for o in objs:
@@ -788,7 +792,8 @@ def diagnose(model, processor, judge_model=None, n_tasks=12, draws=64, group=8, 
                         agree=m["agree"] / m["images"], precision=m["said_ok_right"] / max(1, m["said_ok"]),
                         slots_ok=m["slots_ok"] / m["images"], layout=m["layout"] / (group * n_tasks))
         if tag == "position":
-            out[tag].update(axis=m["axis"] / max(1, m["pairs"]), direction=m["direction"] / max(1, m["axis"]))
+            out[tag].update(axis=m["axis"] / max(1, m["pairs"]), direction=m["direction"] / max(1, m["axis"]),
+                            **{f"dir_{o}": m[f"dir_{o}"] / max(1, m[f"axis_{o}"]) for o in ("first", "second")})
         if tag == "color_attr":
             out[tag].update(own=m["own"] / max(1, m["objects"]), other=m["other"] / max(1, m["objects"]),
                             unrequested=1 - (m["own"] + m["other"]) / max(1, m["objects"]),
@@ -808,7 +813,8 @@ def main():
                    help="steps of the three phases (see pretrain)")
     p.add_argument("--caption-noise", type=float, default=0.65, help="share of T2I pairs showing a near miss")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 while another job shares a 2-core box; "
+                   "alone on one, 2 is about 1.6x faster)")
     p = sub.add_parser("eval", help="toy-GenEval per tag and judge precision/recall of a checkpoint")
     p.add_argument("--model", default="assets/toy")
     p.add_argument("--tasks", type=int, default=240)
