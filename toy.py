@@ -604,15 +604,19 @@ def mmu_step_loss(model, processor, rng, n, buffer, own=0.3, off=0.25):
     return mmu_loss(lp, mask)
 
 
+def answerable_misses(task, rng):
+    """near_misses that an answer to the task's question can reveal: not "wrong class" for colors, whose question
+    ("What is the color of the object?") cannot see the class, so the self-check accepts that failure."""
+    return {k: s for k, s in near_misses(task, rng).items() if not (task["tag"] == "colors" and k == "wrong class")}
+
+
 def _caption_misses(task, rng):
-    """The near misses a noisy caption may show. Not "wrong class" for colors: its question ("What is the color
-    of the object?") cannot see the class, so the self-check would accept that failure and the judge's verdicts
-    could never be precise on it. Not the swapped position or colours: a caption may miss or misname what is
-    there but does not state a relation or a binding backwards, and with those in the noise the generator never
-    learnt either (a relation's direction stayed a coin flip, 0.47; colours bound at random). Understanding still
-    trains on every near miss, the swaps included: the judge must reject them."""
-    drop = {"swapped position", "swapped colours"} | ({"wrong class"} if task["tag"] == "colors" else set())
-    return [s for k, s in near_misses(task, rng).items() if k not in drop]
+    """The near misses a noisy caption may show: answerable ones (the judge's verdicts could never be precise on
+    the others), and not the swapped position or colours: a caption may miss or misname what is there but does
+    not state a relation or a binding backwards, and with those in the noise the generator never learnt either (a
+    relation's direction stayed a coin flip, 0.47; colours bound at random). Understanding still trains on every
+    near miss, the swaps included: the judge must reject them."""
+    return [s for k, s in answerable_misses(task, rng).items() if k not in ("swapped position", "swapped colours")]
 
 
 # Colour is read from the prompt only in colors and color_attr pairs (the other tags' colours are free), and it

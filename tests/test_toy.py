@@ -177,9 +177,7 @@ def test_shipped_judge_reads_rendered_scenes(shipped):
     rng = random.Random(6)
     tasks, images, truth = [], [], []
     for t in toy.make_toy_tasks(24, seed=6):
-        # not colors' "wrong class": its question ("What is the color of the object?") cannot see the class
-        misses = [s for k, s in toy.near_misses(t, rng).items() if not (t["tag"] == "colors" and k == "wrong class")]
-        scenes = [toy.scene_for(t, rng)] + misses[:1]
+        scenes = [toy.scene_for(t, rng)] + list(toy.answerable_misses(t, rng).values())[:1]
         for s in scenes:
             tasks.append(t)
             images.append(toy.to_pixels(toy.render(s)))
