@@ -66,6 +66,7 @@ import lora
 import plot
 import reward
 import sft
+from cli import COUNT, FRACTION, NONNEG, NONNEG_F, POSITIVE
 from generate import sample
 from model import import_named, load_model, write_model_folder
 from rollout import Rollout, replay_subset, rollout, sequence_logprobs
@@ -74,29 +75,6 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 GENEVAL_METADATA = os.path.join(ROOT, "data", "geneval", "evaluation_metadata.jsonl")
 TOY_CHECKPOINT = os.path.join(ROOT, "assets", "toy")
 DEFAULTS_FILE = "train_defaults.json"  # a checkpoint's own defaults for this script
-
-
-def number(kind, low=None, high=None, above=None):
-    """An argparse type: `kind` (int or float), finite, >= low / > above / <= high. A value outside gets one line
-    from argparse naming the flag and the range ("argument --lr: must be a finite float > 0, not 'inf'")."""
-    bounds = " and ".join(b for b in (f">= {low}" if low is not None else "", f"> {above}" if above is not None
-                                      else "", f"<= {high}" if high is not None else "") if b)
-
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {'an int' if kind is int else 'a float'}, not {text!r}")
-        if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high) \
-                or (above is not None and value <= above):
-            raise argparse.ArgumentTypeError(f"must be a finite {kind.__name__} {bounds}, not {text!r}")
-        return value
-    return parse
-
-
-COUNT, NONNEG, POSITIVE, FRACTION = number(int, low=1), number(int, low=0), number(float, above=0), \
-    number(float, low=0, high=1)
-NONNEG_F = number(float, low=0)
 
 
 class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
