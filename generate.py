@@ -24,7 +24,7 @@ import os
 import torch
 from tqdm import tqdm
 
-from model import attention_bias, load_model, reusable_cache, to_uint8
+from model import KVCache, attention_bias, load_model, reusable_cache, to_uint8
 
 
 def left_pad(seqs, pad_id):
@@ -312,7 +312,7 @@ def showo_maskgit(model, input_ids, uncond_input_ids=None, attention_mask=None, 
     cache = None
     if cache_prefix:
         dtype = model.showo.model.embed_tokens.weight.dtype
-        cache = reusable_cache(model, "maskgit", model.config, len(rows), L, dtype, rows.device).prefix(L)
+        cache = KVCache(model.config, len(rows), L, dtype, rows.device)
         model.hidden_states(rows[:, :P], mask[:, :, :P], cache=cache, slots=torch.arange(P, device=rows.device))
     span = torch.arange(P, L, device=rows.device)  # <|soi|> image <|eoi|>
     for step in tqdm(range(timesteps), disable=not progress, desc="maskgit steps", leave=False):

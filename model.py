@@ -441,21 +441,24 @@ class KVCache:
         return self.k.shape[3]
 
 
-_caches = weakref.WeakKeyDictionary()  # model -> {purpose: KVCache}; freed with the model
+_caches = weakref.WeakKeyDictionary()  # model -> {(purpose, rows): KVCache}; freed with the model
 CACHE_GRANULE = 256  # caches grow in steps of this many slots, so that prompt lengths share one compiled shape
 
 
 def reusable_cache(model, purpose, cfg, batch, min_len, dtype, device):
-    """The model's KVCache for `purpose` ("t2i", "answer", ...), allocated once and reused by every later call
-    with the same rows, dtype and device; it grows (rounded up to CACHE_GRANULE) only when min_len does not fit.
-    Reuse keeps the tensors' addresses, so a CUDA graph that captured them replays instead of re-recording each
-    rollout. Unfilled slots are always masked by the caller, so stale keys from an earlier call are never seen."""
+    """The model's KVCache for (`purpose`, `batch` rows), allocated once and reused by every later call with the
+    same rows, dtype and device; it grows (rounded up to CACHE_GRANULE) only when min_len does not fit.
+    Reuse keeps the tensors' addresses, so a CUDA graph that captured them replays instead of re-recording: keyed
+    by the rows too, the training rollouts, the evaluation's and the before/after drawing's each keep their own
+    (one graph each), instead of freeing one another's. Only the compiled image decode needs this; eager decodes
+    take a fresh KVCache, which goes back to the allocator when they end. Unfilled slots are always masked by the
+    caller, so stale keys from an earlier call are never seen."""
     pool = _caches.setdefault(model, {})
-    cache = pool.get(purpose)
-    if (cache is None or cache.k.shape[1] != batch or cache.max_len < min_len or cache.k.dtype != dtype
-            or cache.k.device != torch.device(device)):
-        pool.pop(purpose, None)  # free the old one before allocating the new one
-        cache = pool[purpose] = KVCache(cfg, batch, -(-min_len // CACHE_GRANULE) * CACHE_GRANULE, dtype, device)
+    cache = pool.get((purpose, batch))
+    if cache is None or cache.max_len < min_len or cache.k.dtype != dtype or cache.k.device != torch.device(device):
+        pool.pop((purpose, batch), None)  # free the old one before allocating the new one
+        cache = pool[purpose, batch] = KVCache(cfg, batch, -(-min_len // CACHE_GRANULE) * CACHE_GRANULE, dtype,
+                                               device)
     return cache
 
 

@@ -44,6 +44,7 @@ newest one exactly. One jsonl line per step goes to OUT/log.jsonl.
 import argparse
 import contextlib
 import copy
+import datetime
 import errno
 import glob
 import json
@@ -151,6 +152,9 @@ def build_parser():
                     help="start afresh in an --out that holds a run (its checkpoints and log are deleted)")
     ap.add_argument("--stop-after", type=NONNEG, default=0, help="end this process after N steps (for testing resume)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    ap.add_argument("--dist-timeout", type=POSITIVE, default=30.0,
+                    help="torchrun: minutes a rank waits in a collective for the others before the run stops (a "
+                         "plug-in --eval hook runs on rank 0 alone and must finish within it)")
     return ap
 
 
@@ -187,8 +191,14 @@ def add_sampling_and_loss_args(ap):
                          "verified (sft.verified_answer_loss), so understanding learns from the model's own images "
                          "too; with --no-frozen-judge the judge is the model being trained (the mutual mode)")
     ap.add_argument("--answer-kl", type=NONNEG_F, default=0.0,
-                    help="GRPO with --no-frozen-judge: add this weight x the k3 KL of the judge's answer tokens to "
-                         "the initial model's, on every image, so that the judge may learn but not wander")
+                    help="GRPO with --no-frozen-judge: add this weight x k3(pi_theta, pi_ref) on the judge's answer "
+                         "tokens, on every image, so that the judge may learn but not wander. The answers are greedy, "
+                         "not samples of pi_theta, so this is a log-prob anchor to the initial model, not an "
+                         "unbiased KL estimate")
+    ap.add_argument("--clip-low", type=FRACTION, help="PPO clip: the ratio's floor is 1 - this (default 0.2); "
+                    "binds only with --updates-per-rollout > 1")
+    ap.add_argument("--clip-high", type=NONNEG_F, help="PPO clip: the ratio's ceiling is 1 + this (default 0.2; "
+                    "DAPO's clip-higher: 0.28); binds only with --updates-per-rollout > 1")
     ap.add_argument("--skip-flat-groups", action=argparse.BooleanOptionalAction, default=False,
                     help="groups with equal rewards leave the GRPO loss (KL included)")
     ap.add_argument("--agg", choices=grpo.AGGREGATIONS, default="grpo", help="token aggregation (grpo.aggregate)")
@@ -270,6 +280,10 @@ def parse_args(argv=None):
     if args.answer_kl and (args.algo != "grpo" or args.frozen_judge):
         ap.error("--answer-kl holds the answers of a judge that trains (GRPO with --no-frozen-judge) near the "
                  "initial model's; a frozen judge is the initial model already")
+    if (args.clip_low is not None or args.clip_high is not None) and (args.algo != "grpo"
+                                                                     or args.updates_per_rollout == 1):
+        ap.error("--clip-low/--clip-high bound GRPO's ratio to pi_old, which exists only with --updates-per-rollout "
+                 "> 1 (one update per rollout has ratio 1, which no clip changes)")
     if args.group_size == 1 and args.algo == "grpo":
         ap.error("--group-size 1: GRPO's advantages compare the images of one prompt; a group of one has none")
     return args
@@ -279,16 +293,19 @@ def parse_args(argv=None):
 # distribution and the objective
 
 
-def setup_distributed(device):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process."""
+def setup_distributed(device, timeout_minutes):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process. timeout_minutes: how long
+    a collective waits for the other ranks (NCCL's own default, 10 minutes, is shorter than rank 0's longest lone
+    work: a plug-in --eval hook, or gathering a 7B export)."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device(device)
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if device.startswith("cuda"):
         torch.cuda.set_device(local)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local), timeout=timeout)
         return rank, world, torch.device("cuda", local)
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=timeout)
     return rank, world, torch.device("cpu")
 
 
@@ -330,14 +347,18 @@ class Objective(nn.Module):
                                  cfg_weight=a.cfg, temperature=a.temperature, janus_mode=a.logp,
                                  replay_steps=replay_steps)
 
-    def forward(self, ro, record_old=False):
-        """-> (loss, stats). record_old: store pi_old's log-probs in the rollout instead (no grad); it runs
-        through this forward so that FSDP's root gathers the shards, as for the loss."""
+    def forward(self, ro, old_policy=False):
+        """-> (loss, stats); with old_policy, pi_old's log-probs {part: [B, T]} of the rollout instead (no grad),
+        which the caller keeps (it runs through this forward so that FSDP's root gathers the shards, as for the
+        loss). A forward never writes to its inputs: FSDP2 may hand it a copy of the rollout.
+
+        The rule that keeps ranks in step: every forward that FSDP2 gathers blocks for runs the same number of
+        times on every rank, whatever its data (rows not kept are weighted 0, never skipped; a term is left out on
+        every rank alike or on none), and every value that decides which tokens count stays fp32."""
         a = self.args
-        if record_old:
+        if old_policy:
             with torch.no_grad():
-                ro.logp_old = {part: lp for part, (lp, _) in self.logprobs(self.model, ro).items()}
-            return None
+                return {part: lp for part, (lp, _) in self.logprobs(self.model, ro).items()}
         if a.algo == "grpo":
             loss, stats = self.grpo(ro)
         else:
@@ -367,7 +388,7 @@ class Objective(nn.Module):
                 continue
             budget = mask.shape[1] if part == "img" else a.max_answer_tokens  # dr_grpo's constant denominator
             value, s = grpo.grpo_loss(lp, mask, ro.rewards, ro.group_size, old.get(part), ref.get(part), a.beta,
-                                      a.agg, not a.no_adv_std, a.skip_flat_groups, budget)
+                                      a.agg, not a.no_adv_std, a.skip_flat_groups, budget, a.clip_low, a.clip_high)
             stats.update(flat_groups=s.pop("flat_groups"), adv_abs=s.pop("adv_abs"), **{f"loss_{part}": value.item()})
             stats.update({f"{part}_{k}": v for k, v in s.items()})
             loss = loss + value
@@ -434,6 +455,8 @@ def resolve_defaults(args, model):
     # the sampler's temperature argument: Janus' token temperature, Show-o's re-masking temperature
     args.sample_temperature = args.remask_temperature if showo else args.temperature
     args.group_size = args.group_size or (3 if showo else 8)
+    args.clip_low = 0.2 if args.clip_low is None else args.clip_low  # spec/method.md 6.3
+    args.clip_high = 0.2 if args.clip_high is None else args.clip_high
     args.trajectory = args.algo == "grpo" and args.showo_logp == "trajectory"  # record Show-o's sampling steps
 
 
@@ -459,13 +482,17 @@ def build_training(args, model, processor, device, world):
     if args.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        # the roots take the rollout itself: cast to bf16 (FSDP2's default) its rewards, Show-o's mask noise and
+        # pi_old's log-probs would change which tokens count and by how much. The blocks still cast their inputs
+        root_mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
         for block in model.blocks:
             fully_shard(block, mp_policy=mp)
-        fully_shard(objective, mp_policy=mp)
+        fully_shard(objective, mp_policy=root_mp)
         if shard_ref:  # the reference only reads: its shards are gathered block by block as the policy's
             for block in frozen.blocks:
                 fully_shard(block, mp_policy=mp)
-            fully_shard(objective.frozen[0], mp_policy=mp)
+            # a root stays gathered after forward unless told (the policy's backward needs its root; this has none)
+            fully_shard(objective.frozen[0], mp_policy=root_mp, reshard_after_forward=True)
         train_module = objective
     elif world > 1:
         # gradient_as_bucket_view: the gradients are views into DDP's all-reduce buckets, not a second copy
@@ -523,10 +550,10 @@ def update(args, train_module, model, optimizer, params, rollouts, autocast, ste
     """updates_per_rollout optimizer steps on the rollout (1 = UniRL's on-policy default: ratio 1, no clip).
     Returns (stats averaged over micro-rollouts and updates, gradient norm of the last update)."""
     model.train()  # the loss in train mode: activation checkpointing runs only there
-    if args.algo == "grpo" and args.updates_per_rollout > 1:
+    if args.algo == "grpo" and args.updates_per_rollout > 1:  # pi_old: the weights before this step's updates
         with torch.no_grad(), autocast:
             for ro in rollouts:
-                train_module(ro, record_old=True)
+                ro.logp_old = train_module(ro, old_policy=True)
     stats_acc = {}
     max_norm = args.grad_clip if args.grad_clip > 0 else float("inf")  # 0 = no clipping (never a zero gradient)
     for _ in range(args.updates_per_rollout):
@@ -897,7 +924,7 @@ def show_progress(bar, entry, t_start, timed):
 def setup(args):
     """Distribution, the run folder, the model and everything built from it."""
     check_run_dir(args)  # every rank, before the rendezvous: nobody has written yet
-    rank, world, device = setup_distributed(args.device)
+    rank, world, device = setup_distributed(args.device, args.dist_timeout)
     torch.manual_seed(args.seed)
     if args.overwrite and rank == 0:
         clear_run_dir(args.out)

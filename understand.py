@@ -19,8 +19,7 @@ import os
 
 import torch
 
-from model import MASK_MIN, attention_bias, janus_inputs_embeds, load_model, mmu_attention_mask, mmu_prompt, \
-    reusable_cache
+from model import MASK_MIN, KVCache, attention_bias, janus_inputs_embeds, load_model, mmu_attention_mask, mmu_prompt
 
 
 @torch.no_grad()
@@ -40,7 +39,7 @@ def janus_generate_text(model, batch, eos_id, max_new_tokens=100, temperature=0.
     valid = batch["attention_mask"].bool()
     key_valid = torch.cat([valid, torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], dim=1)
     positions = (valid.long().cumsum(1) - 1).masked_fill(~valid, 1)
-    cache = reusable_cache(model, "answer", model.cfg, B, L + max_new_tokens, dtype, device).prefix(L + max_new_tokens)
+    cache = KVCache(model.cfg, B, L + max_new_tokens, dtype, device)  # eager: freed when the answers are done
     slots = torch.arange(L, device=device)
     hidden = model(embeds, positions, attention_bias(key_valid, slots, dtype), cache, slots)[:, -1]
     pos = positions[:, -1:]
@@ -169,7 +168,7 @@ def showo_generate_text(model, input_ids, attention_mask, input_embeddings=None,
     mask = mask.expand(B, 1, L, L).to(x.dtype)
     prefill = torch.cat([mask, torch.full((B, 1, L, S - L), MASK_MIN, dtype=x.dtype,
                                           device=x.device)], dim=-1)  # the cache's empty tail is never seen
-    cache = reusable_cache(model, "answer", model.config, B, S, x.dtype, x.device).prefix(S)
+    cache = KVCache(model.config, B, S, x.dtype, x.device)  # eager: freed when the answers are done
     hidden = model.hidden_states(input_embeddings=x, attention_mask=prefill, cache=cache,
                                  slots=torch.arange(L, device=x.device))[:, -1]
     everything = torch.ones(B, S, dtype=torch.bool, device=x.device)
@@ -231,34 +230,39 @@ def showo_answer(model, processor, codes, questions, max_new_tokens=100, tempera
 
 def showo_answer_logprobs(model, processor, codes, questions, answers, image_onehot=None):
     """Teacher-forced log p(a_t | image codes, q, a_<t) [B, M] and mask [B, M], for answers given as id lists
-    (the model's own, eot included) or strings (" " + answer, then eot). One forward per answer.
+    (the model's own, eot included) or strings (" " + answer, then eot).
+
+    All rows go through ONE forward, whatever their questions and answer lengths: each row is its own prompt and
+    answer, right-padded, so its tokens keep the positions 0.. they have alone (Show-o's positions are not
+    pad-aware) and, attention being causal after the image, never see the padding. One forward per call matters
+    under FSDP2: every rank must gather the blocks equally often, whatever number of rows its data gives it.
     image_onehot [B, N, K] (straight-through one-hots, end-to-end SFT): the image rows are embedded as
     onehot @ E[image codes], which equals the token embedding in value and carries the gradient to the codes."""
     tok = processor.tok
     eot, eoi = tok.special_ids["<|eot|>"], tok.special_ids["<|eoi|>"]
     targets = [list(a) if not isinstance(a, str) else tok.encode(" " + a.strip()) + [eot] for a in answers]
-    M = max(map(len, targets))
     device = codes.device
-    logprobs = torch.zeros(len(targets), M, device=device)
-    mask = torch.zeros(len(targets), M, dtype=torch.bool, device=device)
-    for question in dict.fromkeys(questions):
-        for i in [i for i, q in enumerate(questions) if q == question]:  # rows differ in answer length
-            prompt = mmu_prompt(tok, codes[i:i + 1], question)
-            seq = torch.cat([prompt, torch.tensor([targets[i]], device=device)], dim=1)
-            mask_i = mmu_attention_mask(seq, eoi)
-            if image_onehot is None:
-                logits = model(seq, attention_mask=mask_i)[0, prompt.shape[1] - 1:-1]
-            else:
-                table = model.showo.model.embed_tokens.weight
-                cfg = model.config
-                image = image_onehot[i:i + 1].to(table.dtype) @ table[cfg.image_offset:cfg.image_offset + cfg.codebook_size]
-                x = model.showo.model.embed_tokens(seq)
-                x = torch.cat([x[:, :2], image, x[:, 2 + image.shape[1]:]], dim=1)  # [<|mmu|>, <|soi|>] image ...
-                logits = model(input_embeddings=x, attention_mask=mask_i)[0, prompt.shape[1] - 1:-1]
-            n = len(targets[i])
-            logprobs[i, :n] = torch.log_softmax(logits, -1).gather(1, seq[0, prompt.shape[1]:, None])[:, 0]
-            mask[i, :n] = True
-    return logprobs, mask
+    rows = [torch.cat([mmu_prompt(tok, codes[i:i + 1], q)[0], torch.tensor(t, device=device)])
+            for i, (q, t) in enumerate(zip(questions, targets))]
+    starts = [len(row) - len(t) for row, t in zip(rows, targets)]  # where each row's answer begins
+    seq = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=eot)  # [B, L], right-padded
+    mask_all = mmu_attention_mask(seq, eoi)  # the image prefix has one length in every row
+    if image_onehot is None:
+        hidden = model.hidden_states(seq, attention_mask=mask_all)
+    else:
+        table, cfg = model.showo.model.embed_tokens.weight, model.config
+        image = image_onehot.to(table.dtype) @ table[cfg.image_offset:cfg.image_offset + cfg.codebook_size]
+        x = model.showo.model.embed_tokens(seq)
+        x = torch.cat([x[:, :2], image, x[:, 2 + image.shape[1]:]], dim=1)  # [<|mmu|>, <|soi|>] image ...
+        hidden = model.hidden_states(input_embeddings=x, attention_mask=mask_all)
+    M = max(map(len, targets))
+    j = torch.arange(M, device=device)
+    mask = j[None, :] < torch.tensor([len(t) for t in targets], device=device)[:, None]  # [B, M]
+    at = (torch.tensor(starts, device=device)[:, None] - 1 + j[None, :]).clamp(max=seq.shape[1] - 2)  # predictors
+    picked = hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, M, D]: the head runs on these
+    logits = model.showo.lm_head(picked).float()
+    logprobs = torch.log_softmax(logits, -1).gather(2, seq.gather(1, at + 1)[..., None])[..., 0]
+    return torch.where(mask, logprobs, 0.0), mask
 
 
 def main():

@@ -20,3 +20,12 @@ def two_tasks(n, seed):
     dogs = dict(prompt="a photo of two dogs", question="How many items in this image?", answer="two dogs",
                 tag="counting", include=[{"class": "dog", "count": 2}])
     return [dict(t) for t in ([cat, dogs] * n)[:n]]
+
+
+def uneven_verified(tasks, tokens, images):
+    """An external reward whose verified images (correct) are uneven across prompts: every image of "a photo of a
+    cat" is verified, only the first of any other prompt. With --task-source plugins:two_tasks and one prompt per
+    rank, rank 0 then holds 2 verified images and rank 1 one (group size 2): the layout that hung FSDP2."""
+    first = [i == 0 or tasks[i]["prompt"] != tasks[i - 1]["prompt"] for i in range(len(tasks))]
+    correct = [f or t["prompt"] == "a photo of a cat" for f, t in zip(first, tasks)]
+    return [float(f) for f in first], correct

@@ -231,7 +231,7 @@ def test_old_policy_equals_on_policy_at_the_first_update(which):
     ro = rollout.rollout(m, p, [CAT], 3, 2.0, generator=torch.Generator().manual_seed(0), max_answer_tokens=3,
                          steps=2)
     ro.rewards = torch.tensor([0.0, 1.0, 0.5])  # a non-flat group
-    obj(ro, record_old=True)
+    ro.logp_old = obj(ro, old_policy=True)
     assert set(ro.logp_old) == {"img", "ans"}
     with_old, _ = obj.grpo(ro)
     g_old = torch.autograd.grad(with_old, [q for q in m.parameters() if q.requires_grad], allow_unused=True)

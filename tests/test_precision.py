@@ -38,9 +38,9 @@ def test_janus_kv_cache_is_reused_and_the_compiled_step_traced_once(model_dir):
     counter = CompileCounter()
     short, long = ["a cat"], ["a photo of two cats and a dog on a long red sofa"]
     first = generate.janus_generate(m, p, short, 2, greedy=True, compile=counter, decode=False)
-    cache = model._caches[m]["t2i"]
+    cache = model._caches[m]["t2i", 4]  # the pool's cache of 4 rows: 2 images x [cond; uncond]
     second = generate.janus_generate(m, p, long, 2, greedy=True, compile=counter, decode=False)
-    assert model._caches[m]["t2i"] is cache  # same tensors: a CUDA graph keeps its addresses
+    assert model._caches[m]["t2i", 4] is cache  # same tensors: a CUDA graph keeps its addresses
     assert counter.frame_count == 1, f"compiled {counter.frame_count} times across two rollouts"
     eager = generate.janus_generate(m, p, long, 2, greedy=True, compile=False, decode=False)
     assert torch.equal(eager["tokens"], second["tokens"])  # stale slots of the longer cache stay unseen
@@ -51,17 +51,19 @@ def test_janus_samples_and_answers_in_bf16_without_autocast():
     m, p = model.load_model(JANUS[0], dtype=torch.bfloat16)
     out = generate.janus_generate(m, p, ["a red cube"], 2, generator=torch.Generator().manual_seed(0),
                                   return_logprobs=True)
-    assert model._caches[m]["t2i"].k.dtype == torch.bfloat16
+    assert model._caches[m]["t2i", 4].k.dtype == torch.bfloat16
     assert torch.isfinite(out["logprobs"]).all()
     ans = understand.janus_answer(m, p, out["images"], ["What is it?"] * 2, max_new_tokens=3, return_logprobs=True)
     assert torch.isfinite(ans["logprobs"]).all()
 
 
-def test_showo_samples_and_answers_in_bf16_without_autocast():
+def test_showo_samples_and_answers_in_bf16_without_autocast(monkeypatch):
     m, p = model.load_model(SHOWO[0], dtype=torch.bfloat16)
+    made = []
+    monkeypatch.setattr(generate, "KVCache", lambda *a: made.append(model.KVCache(*a)) or made[-1])
     out = generate.showo_generate(m, p, ["a red cube"], 2, timesteps=3, generator=torch.Generator().manual_seed(0),
                                   return_logprobs=True)
-    assert model._caches[m]["maskgit"].k.dtype == torch.bfloat16
+    assert [c.k.dtype for c in made] == [torch.bfloat16]  # the text block's keys, cached in the sampler's dtype
     assert torch.isfinite(out["logprobs"]).all()
     ans = understand.showo_answer(m, p, out["tokens"], ["What is it?"] * 2, max_new_tokens=3, return_logprobs=True)
     assert all(torch.isfinite(lp).all() for lp in ans["logprobs"])

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import train
 
 from data_paths import fixture_dirs
+from distributed import torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JANUS = fixture_dirs("janus")[:1]
@@ -41,13 +42,7 @@ def test_torchrun_two_ranks_equal_one_process(algo, sharding, tmp_path):
     sgd = ["--optimizer", "sgd", "--lr", "0.5"]  # an update linear in the gradient: float noise stays float noise
     sgd += ["--eval-every", "2", "--eval-tasks", "5"]  # the built-in eval hook, sharded over the ranks
     train.main(common(single, algo) + ["--prompts-per-rank", "2"] + sgd)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train.py")] + common(ddp, algo) + ["--prompts-per-rank", "1"] + sgd
-    if sharding == "fsdp":
-        cmd.append("--fsdp")
-    run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    torchrun(common(ddp, algo) + ["--prompts-per-rank", "1"] + sgd + (["--fsdp"] if sharding == "fsdp" else []))
     base = load_file(os.path.join(JANUS[0], "model.safetensors"))
     a, b = final_weights(single), final_weights(ddp)
     moved = max((a[k] - base[k]).abs().max().item() for k in a if k in base)
